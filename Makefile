@@ -1,0 +1,29 @@
+# One command each for the tests and the main job; both create or reuse the virtual environment.
+#   make test    set up .venv (torch first, then this package without build isolation), run the tests
+#   make bench   same set-up, then the main job
+PYTHON ?= python3.11
+VENV   ?= .venv
+PY      = $(VENV)/bin/python
+STAMP   = $(VENV)/.sapiens2-installed
+PYTEST_ARGS ?=
+
+.PHONY: setup test bench clean
+
+setup: $(STAMP)
+
+$(STAMP): pyproject.toml setup.py
+	test -x $(PY) || $(PYTHON) -m venv $(VENV)
+	$(PY) -m pip install -q --upgrade pip setuptools wheel
+	# torch first: the package builds against it without build isolation
+	$(PY) -m pip install -q "torch>=2.14"
+	$(PY) -m pip install -q --no-build-isolation -e ".[test]"
+	touch $(STAMP)
+
+test: $(STAMP)
+	$(PY) -m pytest -q --durations=15 $(PYTEST_ARGS)
+
+bench: $(STAMP)
+	$(VENV)/bin/sapiens2 flops --all
+
+clean:
+	rm -rf $(VENV) build *.egg-info
