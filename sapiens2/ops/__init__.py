@@ -1,0 +1,26 @@
+"""``sapiens2.ops``: every fused op of the model as a ``torch.library`` custom op.
+
+Each op has a plain PyTorch reference implementation (the definition), a fake (meta)
+implementation, registered autograd (its backward is one dispatched op too) and a FLOP formula.
+The backend (reference / triton / cuda) is chosen per call: see ``sapiens2.ops.backend``.
+"""
+
+from . import _registry  # noqa: F401  (declares the Triton/CUDA implementations, lazily imported)
+from .attention import attention
+from .backend import available_backends, current_backend, use_backend
+from .qk_norm_rope import qk_norm_rope
+from .rms_norm import rms_norm
+from .swiglu import swiglu
+from .window_attention import cls_pool, window_attention
+
+__all__ = [
+    "attention",
+    "available_backends",
+    "cls_pool",
+    "current_backend",
+    "qk_norm_rope",
+    "rms_norm",
+    "swiglu",
+    "use_backend",
+    "window_attention",
+]
