@@ -1,0 +1,4 @@
+from .backbone import Sapiens2Backbone
+from .config import ARCH_ZOO, ArchConfig, get_arch
+
+__all__ = ["ARCH_ZOO", "ArchConfig", "Sapiens2Backbone", "get_arch"]

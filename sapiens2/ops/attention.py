@@ -60,10 +60,17 @@ def _prologue_ref(q, k, q_w, k_w, sin, cos, p, eps):
 def _attention_ref(q, k, v, q_w, k_w, sin, cos, p, seq_lens, scale, eps):
     B, N, H, D = q.shape
     Hkv = k.shape[2]
+    G = H // Hkv
     q, k = _prologue_ref(q, k, q_w, k_w, sin, cos, p, eps)
-    o, lse = sdpa_fwd(_group(q, Hkv), k.transpose(1, 2), v.transpose(1, 2), _key_mask(seq_lens, N), scale)
-    o = _ungroup(o, H).contiguous()
-    lse = lse.reshape(B, Hkv, H // Hkv, N).reshape(B, H, N)
+    kt, vt, mask = k.transpose(1, 2), v.transpose(1, 2), _key_mask(seq_lens, N)
+    # One call per query head of each group: every call sees the shapes the official per-head
+    # SDPA sees (N queries, N keys), so the CPU kernel rounds identically; K and V are not copied.
+    o = q.new_empty(B, N, H, D)
+    lse = q.new_empty(B, H, N, dtype=stat_dtype(q))
+    for g in range(G):
+        o_g, lse_g = sdpa_fwd(q[:, :, g::G].transpose(1, 2), kt, vt, mask, scale)
+        o[:, :, g::G] = o_g.transpose(1, 2)
+        lse[:, g::G] = lse_g
     if seq_lens is not None:
         rows = _row_mask(seq_lens, N)
         o = o.masked_fill(~rows, 0.0)

@@ -1,0 +1,130 @@
+"""Building blocks of the Sapiens2 backbone. They call ``sapiens2.ops`` (never a kernel).
+
+Parameter names follow the official checkpoints (``ln1``, ``attn.wq``, ``attn.q_norm``,
+``attn.gamma``, ``ffn.w12``, ...), so official state dicts load with ``strict=True``.
+
+The residual stream is carried as ``(h, pending)``: ``pending`` is the previous branch output not
+yet added to ``h``, so that each residual add is fused with the RMSNorm that follows it
+(``sapiens2.ops.rms_norm(..., residual=h)``), across block boundaries too.
+"""
+
+from __future__ import annotations
+
+from typing import Optional
+
+import torch
+import torch.nn.functional as F
+from torch import Tensor, nn
+
+from .. import ops
+
+
+class RMSNorm(nn.Module):
+    """Weight holder for ``sapiens2.ops.rms_norm``; ``forward`` adds ``x`` (scaled) into the stream."""
+
+    def __init__(self, dim: int, eps: float = 1e-6):
+        super().__init__()
+        self.eps = eps
+        self.weight = nn.Parameter(torch.ones(dim))
+
+    def forward(self, x: Tensor, residual: Optional[Tensor] = None, x_scale: Optional[Tensor] = None):
+        """``x`` alone: ``(norm(x), x)``; with a residual: ``(norm(h), h)``, ``h = residual + x_scale * x``."""
+        if residual is None:
+            return ops.rms_norm(x, self.weight, self.eps), x
+        return ops.rms_norm(x, self.weight, self.eps, residual=residual, x_scale=x_scale)
+
+
+class LayerScale(nn.Module):
+    def __init__(self, dim: int, init: float = 1e-4):
+        super().__init__()
+        self.init = init
+        self.weight = nn.Parameter(torch.full((dim,), init))
+
+
+class SwiGLUFFN(nn.Module):
+    def __init__(self, dim: int, hidden: int, bias: bool = True):
+        super().__init__()
+        self.w12 = nn.Linear(dim, 2 * hidden, bias=bias)
+        self.w3 = nn.Linear(hidden, dim, bias=bias)
+
+    def forward(self, x: Tensor) -> Tensor:
+        return self.w3(ops.swiglu(self.w12(x)))
+
+
+class Attention(nn.Module):
+    """Multi-head / grouped-query attention with optional per-head QK-RMSNorm and 2D RoPE."""
+
+    def __init__(self, dim: int, num_heads: int, num_kv_heads: int, qk_norm: bool = True,
+                 layer_scale: Optional[float] = 1e-4, qkv_bias: bool = True, fused: bool = True):
+        super().__init__()
+        self.num_heads, self.num_kv_heads = num_heads, num_kv_heads
+        self.head_dim = dim // num_heads
+        self.fused = fused
+        self.wq = nn.Linear(dim, dim, bias=qkv_bias)
+        self.wk = nn.Linear(dim, num_kv_heads * self.head_dim, bias=qkv_bias)
+        self.wv = nn.Linear(dim, num_kv_heads * self.head_dim, bias=qkv_bias)
+        if qk_norm:
+            self.q_norm = RMSNorm(self.head_dim)
+            self.k_norm = RMSNorm(self.head_dim)
+        else:
+            self.q_norm = self.k_norm = None
+        self.proj = nn.Linear(dim, dim, bias=True)
+        self.gamma = LayerScale(dim, layer_scale) if layer_scale else None
+
+    def qkv(self, x: Tensor) -> tuple[Tensor, Tensor, Tensor]:
+        B, N, _ = x.shape
+        q = self.wq(x).view(B, N, self.num_heads, self.head_dim)
+        k = self.wk(x).view(B, N, self.num_kv_heads, self.head_dim)
+        v = self.wv(x).view(B, N, self.num_kv_heads, self.head_dim)
+        return q, k, v
+
+    def forward(self, x: Tensor, rope: Optional[tuple[Tensor, Tensor]] = None, num_prefix_tokens: int = 0,
+                seq_lens: Optional[Tensor] = None) -> Tensor:
+        """Returns the output projection *without* LayerScale (it is fused into the residual add)."""
+        B, N, C = x.shape
+        q, k, v = self.qkv(x)
+        qw = self.q_norm.weight if self.q_norm is not None else None
+        kw = self.k_norm.weight if self.k_norm is not None else None
+        if self.fused or qw is None:
+            o = ops.attention(q, k, v, q_norm_weight=qw, k_norm_weight=kw, rope=rope,
+                              num_prefix_tokens=num_prefix_tokens, seq_lens=seq_lens)
+        else:  # unfused path, kept for comparison: QK-norm + RoPE op, then plain attention
+            sin, cos = rope if rope is not None else (None, None)
+            q, k = ops.qk_norm_rope(q, k, qw, kw, sin, cos, num_prefix_tokens)
+            o = ops.attention(q, k, v, seq_lens=seq_lens)
+        return self.proj(o.reshape(B, N, C))
+
+    @property
+    def x_scale(self) -> Optional[Tensor]:
+        return self.gamma.weight if self.gamma is not None else None
+
+
+class Block(nn.Module):
+    """Pre-norm transformer block: ``x += gamma * attn(ln1(x))``; ``x += ffn(ln2(x))``."""
+
+    def __init__(self, dim: int, num_heads: int, num_kv_heads: int, ffn_hidden: int, qk_norm: bool = True,
+                 layer_scale: Optional[float] = 1e-4, fused_attention: bool = True):
+        super().__init__()
+        self.ln1 = RMSNorm(dim)
+        self.attn = Attention(dim, num_heads, num_kv_heads, qk_norm=qk_norm, layer_scale=layer_scale,
+                              fused=fused_attention)
+        self.ln2 = RMSNorm(dim)
+        self.ffn = SwiGLUFFN(dim, ffn_hidden)
+
+    def forward(self, h: Tensor, pending: Optional[Tensor], rope=None, num_prefix_tokens: int = 0,
+                seq_lens: Optional[Tensor] = None) -> tuple[Tensor, Tensor]:
+        """``(h, pending)`` -> ``(h', ffn_out)``: the residual stream is ``h + pending`` on both sides."""
+        y, h = self.ln1(pending, residual=h) if pending is not None else self.ln1(h)
+        a = self.attn(y, rope, num_prefix_tokens, seq_lens)
+        y, h = self.ln2(a, residual=h, x_scale=self.attn.x_scale)
+        return h, self.ffn(y)
+
+
+def settle(h: Tensor, pending: Optional[Tensor]) -> Tensor:
+    """Materialise the residual stream ``h + pending``."""
+    return h if pending is None else h + pending
+
+
+def linear_patch_embed(patches: Tensor, conv: nn.Conv2d) -> Tensor:
+    """Embed pre-extracted ``(..., C_in*p*p)`` patches with a patch-embedding conv's weights."""
+    return F.linear(patches, conv.weight.flatten(1), conv.bias)

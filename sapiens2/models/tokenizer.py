@@ -1,0 +1,68 @@
+"""The 4K window tokenizer: local attention inside each ``w x w`` window of patch tokens plus a
+learned CLS token; the CLS output becomes the window's single token for the trunk.
+
+Differences from the official implementation (same outputs for the same weights):
+
+* no permute copy of the token grid: ``sapiens2.ops.window_attention`` finds each window's tokens
+  by index arithmetic in the grid layout;
+* the last layer computes only what is kept — the CLS row: ``sapiens2.ops.cls_pool`` (one query
+  per window), and the output projection and FFN on one token per window;
+* MAE masking: with ``layout="windows"`` only the gathered visible windows are computed at all.
+"""
+
+from __future__ import annotations
+
+from typing import Optional
+
+import torch
+from torch import Tensor, nn
+
+from .. import ops
+from .layers import Block, settle
+
+
+class WindowTokenizer(nn.Module):
+    def __init__(self, dim: int, num_heads: int, num_layers: int, window: int = 4, ffn_ratio: int = 4):
+        super().__init__()
+        self.window = window
+        self.num_heads = num_heads
+        self.local_pos_embed = nn.Parameter(torch.zeros(1, 1 + window * window, dim))
+        self.blocks = nn.ModuleList(
+            Block(dim, num_heads, num_heads, dim * ffn_ratio, qk_norm=False, layer_scale=None)
+            for _ in range(num_layers)
+        )
+        self.w_cls = nn.Parameter(torch.zeros(1, 1, dim))
+
+    def forward(self, x: Tensor, grid_hw: tuple[int, int], layout: str = "grid") -> Tensor:
+        """``x``: patch tokens ``(B, H*W, C)`` in grid order, or ``(B, K*w*w, C)`` of K gathered windows
+        (``layout="windows"``). Returns one token per window ``(B, nW or K, C)`` in window order."""
+        B, L, C = x.shape
+        w = self.window
+        gh, gw = grid_hw
+        pos = self.local_pos_embed[0]
+        if layout == "grid":
+            t = (x.reshape(B, gh // w, w, gw // w, w, C) + pos[1:].view(1, 1, w, 1, w, C)).reshape(B, L, C)
+        else:
+            t = (x.reshape(B, L // (w * w), w * w, C) + pos[1:]).reshape(B, L, C)
+        nW = L // (w * w)
+        c = (self.w_cls[0] + pos[:1]).expand(B, nW, C)
+
+        t_pend = c_pend = None
+        last = len(self.blocks) - 1
+        for i, blk in enumerate(self.blocks):
+            yt, t = blk.ln1(t_pend, residual=t) if t_pend is not None else blk.ln1(t)
+            yc, c = blk.ln1(c_pend, residual=c) if c_pend is not None else blk.ln1(c)
+            attn = blk.attn
+            qc, kc, vc = attn.qkv(yc)
+            if i < last:
+                qt, kt, vt = attn.qkv(yt)
+                ot, oc = ops.window_attention(qt, kt, vt, grid_hw, w, qc, kc, vc, layout=layout)
+                yt, t = blk.ln2(attn.proj(ot.flatten(2)), residual=t)
+                t_pend = blk.ffn(yt)
+            else:  # only the CLS rows survive the last layer
+                kt = attn.wk(yt).view(B, L, self.num_heads, -1)
+                vt = attn.wv(yt).view(B, L, self.num_heads, -1)
+                oc = ops.cls_pool(qc, kc, vc, kt, vt, grid_hw, w, layout=layout)
+            yc, c = blk.ln2(attn.proj(oc.flatten(2)), residual=c)
+            c_pend = blk.ffn(yc)
+        return settle(c, c_pend)

@@ -1,0 +1,75 @@
+"""Parity with the official Sapiens2 code, through fixtures it produced (scripts/make_parity_fixtures.py)."""
+
+import ast
+import os
+
+import pytest
+import torch
+from safetensors import safe_open
+
+from sapiens2 import ArchConfig, Sapiens2Backbone, infer_config, load_checkpoint
+from sapiens2.ops import use_backend
+
+FIXTURES = os.path.join(os.path.dirname(__file__), "fixtures")
+NAMES = ["tiny_gqa", "tiny_tokenizer"]
+
+
+def load_fixture(name):
+    path = os.path.join(FIXTURES, f"parity_{name}.safetensors")
+    with safe_open(path, "pt") as f:
+        meta = f.metadata()
+        tensors = {k: f.get_tensor(k) for k in f.keys()}
+    zoo = ast.literal_eval(meta["arch"])
+    kwargs = ast.literal_eval(meta["kwargs"])
+    cfg = ArchConfig(name, embed_dims=zoo["embed_dims"], num_layers=zoo["num_layers"], num_heads=zoo["num_heads"],
+                     ffn_ratio=zoo["feedforward_channels"] // zoo["embed_dims"],
+                     num_tokenizer_layers=zoo["num_tokenizer_layers"])
+    sd = {k[len("model."):]: v for k, v in tensors.items() if k.startswith("model.")}
+    return cfg, kwargs, sd, tensors
+
+
+@pytest.mark.parametrize("name", NAMES)
+@pytest.mark.parametrize("rope", ["bf16", "fp32"])
+def test_raw_output_matches_official(name, rope):
+    cfg, kwargs, sd, t = load_fixture(name)
+    model = Sapiens2Backbone(cfg, rope_dtype=rope, **kwargs).eval()
+    model.load_state_dict(sd, strict=True)
+    with torch.no_grad(), use_backend("reference"):
+        out = model(t["input"])
+    expected = t[f"output.rope_{rope}"]
+    assert out.shape == expected.shape
+    assert (out - expected).abs().max().item() <= 1e-5
+
+
+@pytest.mark.parametrize("name", NAMES)
+def test_out_types(name):
+    cfg, kwargs, sd, t = load_fixture(name)
+    model = Sapiens2Backbone(cfg, **kwargs).eval()
+    model.load_state_dict(sd)
+    raw = t["output.rope_bf16"]
+    H, W = t["input"].shape[-2:]
+    (_, _), (th, tw) = model.grids(H, W)
+    with torch.no_grad():
+        model.out_type = "cls_token"
+        assert torch.allclose(model(t["input"]), raw[:, 0], atol=1e-5)
+        model.out_type = "featmap"
+        fm = model(t["input"])
+    assert fm.shape == (raw.shape[0], cfg.embed_dims, th, tw)
+    assert torch.allclose(fm.flatten(2).transpose(1, 2), raw[:, 9:], atol=1e-5)
+
+
+@pytest.mark.parametrize("name", NAMES)
+def test_from_checkpoint_infers_arch(name, tmp_path):
+    from safetensors.torch import save_file
+
+    cfg, kwargs, sd, t = load_fixture(name)
+    path = tmp_path / "ckpt.safetensors"
+    save_file(sd, str(path))
+    inferred, use_tok = infer_config(load_checkpoint(path))
+    assert use_tok == kwargs["use_tokenizer"]
+    assert (inferred.embed_dims, inferred.num_layers, inferred.num_heads) == (cfg.embed_dims, cfg.num_layers, cfg.num_heads)
+    assert [inferred.num_kv_heads(i) for i in range(cfg.num_layers)] == [cfg.num_kv_heads(i) for i in range(cfg.num_layers)]
+    model = Sapiens2Backbone.from_checkpoint(str(path)).eval()
+    with torch.no_grad():
+        out = model(t["input"])
+    assert (out - t["output.rope_bf16"]).abs().max().item() <= 1e-5
