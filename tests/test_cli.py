@@ -1,0 +1,47 @@
+"""The command line, run as users run it."""
+
+import json
+import subprocess
+import sys
+
+import pytest
+
+from sapiens2.cli import main
+
+
+def test_flops_all_json(capsys):
+    assert main(["flops", "--all", "--json"]) == 0
+    rows = json.loads(capsys.readouterr().out)
+    assert len(rows) == 6
+    for key in ("arch", "use_tokenizer", "img_size", "params", "macs_linear_conv", "flops_attention",
+                "flops_forward", "flops_train_step"):
+        assert all(key in r for r in rows)
+    assert {r["arch"] for r in rows} == {"sapiens2_0.1b", "sapiens2_0.4b", "sapiens2_0.8b", "sapiens2_1b", "sapiens2_5b"}
+
+
+def test_flops_all_table_says_published_is_not_reproducible(capsys):
+    assert main(["flops", "--all"]) == 0
+    out = capsys.readouterr().out
+    assert "cannot be reproduced" in out and "Sapiens2-1B (4K)" in out
+
+
+def test_flops_single_and_bad_arch(capsys):
+    assert main(["flops", "--arch", "sapiens2_0.4b", "--mask-ratio", "0.75", "--json"]) == 0
+    assert json.loads(capsys.readouterr().out)[0]["trunk_tokens"] == 9 + 768
+    assert main(["flops", "--arch", "nope"]) == 2
+    assert "unknown arch" in capsys.readouterr().err
+
+
+def test_info_and_help():
+    out = subprocess.run([sys.executable, "-m", "sapiens2.cli", "info", "--json"], capture_output=True, text=True,
+                         check=True).stdout
+    info = json.loads(out)
+    assert info["torch"] and "reference" in info["backends"]
+    helptext = subprocess.run([sys.executable, "-m", "sapiens2.cli", "--help"], capture_output=True, text=True).stdout
+    for cmd in ("flops", "info", "kernels", "bench"):
+        assert cmd in helptext
+
+
+def test_unknown_command_fails():
+    with pytest.raises(SystemExit):
+        main(["frobnicate"])
