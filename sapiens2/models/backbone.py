@@ -91,8 +91,7 @@ class Sapiens2Backbone(nn.Module):
             )
             self.ln1 = RMSNorm(C) if final_norm else None
         if dtype is not None:
-            self.to(dtype)
-            self.rope_embed.periods.data = self.rope_embed.periods.data.to(ROPE_DTYPES[rope_dtype])
+            self.to(dtype)  # the RoPE periods keep their own dtype (Rope2D._apply)
         if factory.type != "meta":
             self.init_weights()
 

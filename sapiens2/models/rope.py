@@ -32,6 +32,16 @@ class Rope2D(nn.Module):
         idx = torch.arange(d // 4, device=self.periods.device, dtype=self.dtype)
         self.periods.data = self.base ** (2 * idx / (d // 2))
 
+    def _apply(self, fn, recurse=True):
+        # Module.to(dtype) must not round the tables' periods: keep their dtype, follow the device.
+        before = self.periods
+        super()._apply(fn, recurse)
+        if self.periods.dtype != before.dtype and not before.is_meta:
+            self.periods = before.to(device=self.periods.device)
+        elif self.periods.dtype != before.dtype:
+            self.periods = torch.empty_like(before, device=self.periods.device)
+        return self
+
     def forward(self, H: int, W: int) -> tuple[Tensor, Tensor]:
         """(sin, cos) of shape ``(H*W, head_dim)`` in the RoPE dtype, row-major over the grid."""
         dd = {"device": self.periods.device, "dtype": self.dtype}

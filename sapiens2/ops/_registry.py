@@ -1,5 +1,8 @@
-"""Which backend implements which op. Implementations are imported on first use only."""
+"""Which backend implements which op. Implementations are imported on first use only, so
+importing ``sapiens2`` never imports triton or the compiled extension."""
 
-from .backend import register_impl  # noqa: F401
+from .backend import register_impl
 
-# The Triton adapters (sapiens2/ops/_triton.py) register here once the kernels land.
+for _op in ("rms_norm", "rms_norm_backward", "add_rms_norm", "add_rms_norm_backward", "swiglu",
+            "swiglu_backward", "qk_norm_rope", "qk_norm_rope_backward"):
+    register_impl(_op, "triton", "sapiens2.ops._triton", _op)
