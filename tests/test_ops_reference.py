@@ -239,3 +239,16 @@ def test_bad_inputs():
     with pytest.raises(ValueError, match="unknown backend"):
         with ops.use_backend("tpu"):
             pass
+
+
+def test_swiglu_linear_matches_composition_and_keeps_only_its_input():
+    x12, w3, b3 = _leaf(2, 5, 2 * 24), _leaf(16, 24), _leaf(16)
+    out = ops.swiglu_linear(x12, w3, b3)
+    ref = plain.swiglu(x12) @ w3.t() + b3
+    _compare(out, ref, (x12, w3, b3))
+    saved = []
+    with torch.autograd.graph.saved_tensors_hooks(lambda t: saved.append(t) or t, lambda t: t):
+        ops.swiglu_linear(x12, w3, b3)
+    assert {tuple(t.shape) for t in saved} == {(2, 5, 48), (16, 24)}  # x12 and the weight, not swiglu(x12)
+    with pytest.raises(ValueError, match="w3 must be"):
+        ops.swiglu_linear(x12, _leaf(16, 23))
