@@ -1,6 +1,6 @@
 # One command each for the tests and the main job; both create or reuse the virtual environment.
 #   make test    set up .venv (torch first, then this package without build isolation), run the tests
-#   make bench   same set-up, then the main job
+#   make bench   same set-up, then the main job (FLOPs table and the quick benchmark report)
 PYTHON ?= python3.11
 VENV   ?= .venv
 PY      = $(VENV)/bin/python
@@ -24,6 +24,7 @@ test: $(STAMP)
 
 bench: $(STAMP)
 	$(VENV)/bin/sapiens2 flops --all
+	$(VENV)/bin/sapiens2 bench --quick --out bench-report
 
 clean:
 	rm -rf $(VENV) build *.egg-info

@@ -102,6 +102,28 @@ def cmd_kernels_report(args) -> int:
     return 0 if all(r["compiled"] and not r["spill_bytes"] for r in rows) else 1
 
 
+def cmd_bench(args) -> int:
+    from .bench.run import run
+
+    rep = run(args.out, quick=args.quick, only=args.only)
+    print(f"wrote {len(rep.files)} files to {args.out}/ (report.md)")
+    return 0
+
+
+def cmd_bench_model(args) -> int:
+    from .bench.model_bench import bench_model
+
+    r = bench_model(args.arch, tuple(args.img), args.batch, args.train, args.tokenizer, repeats=args.repeats)
+    if args.json:
+        print(json.dumps(r.to_dict(), indent=1))
+        return 0
+    for k, v in r.to_dict().items():
+        print(f"{k:>18}: {v}")
+    if r.mfu is None:
+        print("(MFU needs a known GPU; this run measured on " + r.device + ")")
+    return 0
+
+
 def build_parser() -> argparse.ArgumentParser:
     p = argparse.ArgumentParser(prog="sapiens2", description="Sapiens2: fast kernels, model, cost accounting.")
     sub = p.add_subparsers(dest="command", required=True)
@@ -129,8 +151,21 @@ def build_parser() -> argparse.ArgumentParser:
     kr.add_argument("--json", action="store_true")
     kr.set_defaults(func=cmd_kernels_report)
 
-    b = sub.add_parser("bench", help="benchmarks and cost model")
-    bsub = b.add_subparsers(dest="bench_command", required=True)
+    b = sub.add_parser("bench", help="the benchmark report (default), or one of its parts")
+    b.add_argument("--quick", action="store_true", help="the fast form (about a minute on a 2-core CPU)")
+    b.add_argument("--out", default="bench-report", help="report folder (JSON, Markdown, PNG)")
+    b.add_argument("--only", nargs="*", help="only these sections")
+    b.set_defaults(func=cmd_bench)
+    bsub = b.add_subparsers(dest="bench_command")
+    bm = bsub.add_parser("model", help="whole-model params, FLOPs, images/s, TFLOP/s, MFU, peak memory")
+    bm.add_argument("--arch", default="sapiens2_0.4b")
+    bm.add_argument("--img", type=int, nargs=2, default=[1024, 768], metavar=("H", "W"))
+    bm.add_argument("--batch", type=int, default=1)
+    bm.add_argument("--train", action="store_true", help="forward + backward (default: forward only)")
+    bm.add_argument("--tokenizer", action="store_true")
+    bm.add_argument("--repeats", type=int, default=10)
+    bm.add_argument("--json", action="store_true")
+    bm.set_defaults(func=cmd_bench_model)
     try:
         from .bench.cost_cli import add_cost_parser
 

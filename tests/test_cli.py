@@ -45,3 +45,11 @@ def test_info_and_help():
 def test_unknown_command_fails():
     with pytest.raises(SystemExit):
         main(["frobnicate"])
+
+
+def test_bench_quick_writes_report(tmp_path, capsys):
+    out = tmp_path / "report"
+    assert main(["bench", "--quick", "--out", str(out)]) == 0
+    for name in ("report.md", "flops.json", "scaling.json", "scaling.png"):
+        assert (out / name).exists() and (out / name).stat().st_size > 0
+    assert "Scaling" in (out / "report.md").read_text()
