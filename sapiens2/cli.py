@@ -112,15 +112,34 @@ def cmd_bench(args) -> int:
 
 def cmd_bench_model(args) -> int:
     from .bench.model_bench import bench_model
+    from .bench.sizing import activation_bytes_per_view, size_run
 
-    r = bench_model(args.arch, tuple(args.img), args.batch, args.train, args.tokenizer, repeats=args.repeats)
+    out = {}
+    measured_mfu = None
+    if not args.dry_run:
+        r = bench_model(args.arch, tuple(args.img), args.batch, args.train, args.tokenizer, repeats=args.repeats)
+        out["measured"] = r.to_dict()
+        measured_mfu = r.mfu if args.train else None
+    if args.gpus:
+        mfu_ = args.mfu or measured_mfu or 0.4
+        act = activation_bytes_per_view(args.arch, tuple(args.img), args.tokenizer, args.mask_ratio)
+        out["sizing"] = [
+            size_run(args.arch, tuple(args.img), args.tokenizer, args.mask_ratio, args.gpus, args.global_batch,
+                     args.micro_batch, args.views, args.steps, ck, mfu_, activation=act).to_dict()
+            for ck in (False, True)
+        ]
     if args.json:
-        print(json.dumps(r.to_dict(), indent=1))
+        print(json.dumps(out, indent=1))
         return 0
-    for k, v in r.to_dict().items():
+    for k, v in out.get("measured", {}).items():
         print(f"{k:>18}: {v}")
-    if r.mfu is None:
-        print("(MFU needs a known GPU; this run measured on " + r.device + ")")
+    if "measured" in out and out["measured"]["mfu"] is None:
+        print("(MFU needs a known GPU; this run measured on " + out["measured"]["device"] + ")")
+    for sz in out.get("sizing", []):
+        print(f"\nFSDP2 on {sz['gpus']} GPUs, checkpointing={sz['checkpointing']}, assumed MFU {sz['assumed_mfu']:.2f}:")
+        print(f"  step {sz['step_seconds']:.3f} s, run {sz['run_hours']:.2f} h, grad accumulation {sz['grad_accum']}")
+        print(f"  memory/GPU {sz['mem_total_gb']:.2f} GiB = state {sz['mem_state_gb']:.2f} + gathered params "
+              f"{sz['mem_gathered_gb']:.2f} + activations {sz['mem_activations_gb']:.2f}")
     return 0
 
 
@@ -165,6 +184,15 @@ def build_parser() -> argparse.ArgumentParser:
     bm.add_argument("--tokenizer", action="store_true")
     bm.add_argument("--repeats", type=int, default=10)
     bm.add_argument("--json", action="store_true")
+    g = bm.add_argument_group("training-run sizing (FSDP2, with and without activation checkpointing)")
+    g.add_argument("--gpus", type=int, help="size a training run on this many GPUs")
+    g.add_argument("--global-batch", type=int, default=256)
+    g.add_argument("--micro-batch", type=int, default=4, help="per-GPU micro-batch")
+    g.add_argument("--views", type=int, default=1, help="views per image")
+    g.add_argument("--steps", type=int, default=1000)
+    g.add_argument("--mask-ratio", type=float, default=0.0)
+    g.add_argument("--mfu", type=float, default=None, help="assumed MFU (default: measured on a GPU, else 0.4)")
+    g.add_argument("--dry-run", action="store_true", help="size only; do not run the model")
     bm.set_defaults(func=cmd_bench_model)
     try:
         from .bench.cost_cli import add_cost_parser

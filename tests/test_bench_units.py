@@ -50,3 +50,21 @@ def test_scaling_rows_grow_with_resolution():
     flat = {(r["resolution"], r["use_tokenizer"]): r["flops_train_step"] for r in rows}
     assert flat[("1K", False)] < flat[("2K", False)] < flat[("4K", False)]
     assert flat[("4K", True)] < flat[("4K", False)]  # the tokenizer condenses 16 tokens into one
+
+
+def test_sizing_memory_and_time():
+    from sapiens2.bench.sizing import size_run
+
+    kw = dict(gpus=8, global_batch=64, micro_batch=2, views=2, steps=100)
+    plain = size_run("sapiens2_0.4b", **kw)
+    ckpt = size_run("sapiens2_0.4b", checkpointing=True, **kw)
+    assert plain.grad_accum == 4
+    assert ckpt.mem_activations_gb < plain.mem_activations_gb / 5  # only block inputs kept
+    assert ckpt.step_seconds > plain.step_seconds  # recomputation costs a forward
+    assert plain.mem_state_gb == pytest.approx(16 * 395450368 / 8 / 1024**3)
+    # step time = step FLOPs / (GPUs x peak x MFU)
+    assert plain.step_seconds == pytest.approx(plain.step_flops / (8 * 989.4e12 * 0.4))
+    masked = size_run("sapiens2_0.4b", mask_ratio=0.75, **kw)
+    assert masked.mem_activations_gb < plain.mem_activations_gb / 3
+    with pytest.raises(ValueError, match="multiple"):
+        size_run("sapiens2_0.4b", gpus=3, global_batch=64, micro_batch=2)
