@@ -28,13 +28,21 @@ from ..models.config import get_arch
 from .device import H100_SXM, DevicePeak
 
 
-def saved_bytes(fn, params: set[int]) -> int:
-    """Bytes kept for backward while ``fn()`` runs: each saved storage once, parameters excluded."""
+def storage_key(t: torch.Tensor) -> int:
+    """Identity of a tensor's storage (``_cdata``: the StorageImpl; meta tensors have no data_ptr)."""
+    return t.untyped_storage()._cdata
+
+
+def saved_bytes(fn, params) -> int:
+    """Bytes kept for backward while ``fn()`` runs: each saved storage once, parameters (and views
+    of them, e.g. a transposed weight) excluded."""
+    param_storages = {storage_key(p) for p in params}
     seen: dict[int, int] = {}
 
     def pack(t: torch.Tensor):
-        if id(t) not in params and t.untyped_storage().nbytes():
-            seen.setdefault(id(t.untyped_storage()), t.untyped_storage().nbytes())
+        key = storage_key(t)
+        if key not in param_storages:
+            seen.setdefault(key, t.untyped_storage().nbytes())
         return t
 
     with torch.autograd.graph.saved_tensors_hooks(pack, lambda t: t):
@@ -80,8 +88,7 @@ def activation_bytes_per_view(arch, img_size, use_tokenizer: bool, mask_ratio: f
     rep = count_flops(cfg, img_size, use_tokenizer=use_tokenizer, mask_ratio=mask_ratio)
     if mask_ratio:
         ids = torch.arange(rep.trunk_tokens - 9, device="meta")[None]
-    params = {id(p) for p in model.parameters()}
-    act = saved_bytes(lambda: model(x, ids), params)
+    act = saved_bytes(lambda: model(x, ids), model.parameters())
     return act, rep.trunk_tokens * cfg.embed_dims * 2
 
 
