@@ -21,6 +21,8 @@ $(STAMP): pyproject.toml setup.py
 
 test: $(STAMP)
 	$(PY) -m pytest -q --durations=15 $(PYTEST_ARGS)
+	# the microbenchmarks once each as a smoke test (timings only mean something on a GPU)
+	$(PY) -m pytest benchmarks -q --benchmark-disable -p no:cacheprovider
 
 bench: $(STAMP)
 	$(VENV)/bin/sapiens2 flops --all

@@ -68,3 +68,17 @@ def test_sizing_memory_and_time():
     assert masked.mem_activations_gb < plain.mem_activations_gb / 3
     with pytest.raises(ValueError, match="multiple"):
         size_run("sapiens2_0.4b", gpus=3, global_batch=64, micro_batch=2)
+
+
+def test_attention_roofline_padding():
+    from sapiens2.bench.attention_roofline import attention_cost, padded_dim
+
+    assert [padded_dim(d, "flash-attn") for d in (64, 76, 80, 128)] == [64, 96, 96, 128]
+    assert [padded_dim(d, "flex-attention") for d in (64, 76, 80)] == [64, 128, 128]
+    ours = attention_cost(8, 3081, 32, 16, 76, "ours")
+    fa = attention_cost(8, 3081, 32, 16, 76, "flash-attn")
+    assert ours["fwd_flops"] == 4 * 8 * 32 * 3081**2 * 76
+    assert fa["fwd_flops"] * 76 == ours["fwd_flops"] * 96
+    assert fa["fwd_bytes"] > ours["fwd_bytes"] and fa["fwd_roofline_s"] > ours["fwd_roofline_s"]
+    same = attention_cost(8, 3081, 16, 8, 64, "flash-attn")
+    assert same["fwd_bytes"] == attention_cost(8, 3081, 16, 8, 64, "ours")["fwd_bytes"]

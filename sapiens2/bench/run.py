@@ -41,7 +41,19 @@ def _section_scaling(rep: Report, quick: bool) -> None:
     plot_scaling(rows, rep.plot("scaling", "Training-step FLOPs vs resolution and model size"))
 
 
-SECTIONS = [("flops", _section_flops), ("scaling", _section_scaling)]
+def _section_attention(rep: Report, quick: bool) -> None:
+    from .attention_roofline import attention_table
+
+    rows = attention_table()
+    rep.section(
+        "attention_roofline", "Attention at N = 3081, batch 8: our true head dim vs padded libraries", rows,
+        "Roofline-bound H100 SXM times (max of FLOPs / 989.4 TFLOP/s and bytes / 3.35 TB/s); flash-attention pads "
+        "head dims 76/80 to 96, FlexAttention to 128, and both need padded copies of q, k, v.",
+        columns=["arch", "library", "D", "D_computed", "fwd_flops", "fwd_bytes", "fwd_roofline_s", "bwd_roofline_s"],
+    )
+
+
+SECTIONS = [("flops", _section_flops), ("scaling", _section_scaling), ("attention", _section_attention)]
 
 
 def register_section(name: str, fn) -> None:
