@@ -9,9 +9,11 @@ from __future__ import annotations
 import torch
 from torch import Tensor
 
-from ..kernels import qk_norm_rope as _qk
-from ..kernels import rms_norm as _rn
-from ..kernels import swiglu as _sw
+import importlib
+
+
+def _kernels(name: str):
+    return importlib.import_module(f"sapiens2.kernels.{name}")
 
 
 def _rows(x: Tensor) -> Tensor:
@@ -19,24 +21,24 @@ def _rows(x: Tensor) -> Tensor:
 
 
 def rms_norm(x, weight, eps):
-    y, rstd = _rn.rms_norm_fwd(_rows(x), weight.contiguous(), eps)
+    y, rstd = _kernels("rms_norm").rms_norm_fwd(_rows(x), weight.contiguous(), eps)
     return y.view(x.shape), rstd.view(x.shape[:-1])
 
 
 def rms_norm_backward(dy, x, weight, rstd):
-    dx, dw = _rn.rms_norm_bwd(_rows(dy), _rows(x), weight.contiguous(), rstd.reshape(-1).contiguous())
+    dx, dw = _kernels("rms_norm").rms_norm_bwd(_rows(dy), _rows(x), weight.contiguous(), rstd.reshape(-1).contiguous())
     return dx.view(x.shape), dw
 
 
 def add_rms_norm(x, residual, x_scale, weight, eps):
     xs = None if x_scale is None else x_scale.contiguous()
-    y, h, rstd = _rn.add_rms_norm_fwd(_rows(x), _rows(residual), xs, weight.contiguous(), eps)
+    y, h, rstd = _kernels("rms_norm").add_rms_norm_fwd(_rows(x), _rows(residual), xs, weight.contiguous(), eps)
     return y.view(x.shape), h.view(x.shape), rstd.view(x.shape[:-1])
 
 
 def add_rms_norm_backward(dy, dh, x, h, x_scale, weight, rstd):
     xs = None if x_scale is None else x_scale.contiguous()
-    dx, dres, dw, dxs = _rn.add_rms_norm_bwd(
+    dx, dres, dw, dxs = _kernels("rms_norm").add_rms_norm_bwd(
         _rows(dy), None if dh is None else _rows(dh), _rows(x), _rows(h), xs, weight.contiguous(),
         rstd.reshape(-1).contiguous(),
     )
@@ -46,12 +48,12 @@ def add_rms_norm_backward(dy, dh, x, h, x_scale, weight, rstd):
 
 
 def swiglu(x12):
-    y = _sw.swiglu_fwd(_rows(x12))
+    y = _kernels("swiglu").swiglu_fwd(_rows(x12))
     return y.view(*x12.shape[:-1], x12.shape[-1] // 2)
 
 
 def swiglu_backward(dy, x12):
-    return _sw.swiglu_bwd(_rows(dy), _rows(x12)).view(x12.shape)
+    return _kernels("swiglu").swiglu_bwd(_rows(dy), _rows(x12)).view(x12.shape)
 
 
 def _rope_args(q: Tensor, sin, cos, p: int):
@@ -63,12 +65,42 @@ def _rope_args(q: Tensor, sin, cos, p: int):
 
 def qk_norm_rope(q, k, q_weight, k_weight, sin, cos, p, eps):
     sin, cos, p = _rope_args(q, sin, cos, p)
-    return _qk.qk_norm_rope_fwd(q.contiguous(), k.contiguous(), q_weight.contiguous(), k_weight.contiguous(),
+    return _kernels("qk_norm_rope").qk_norm_rope_fwd(q.contiguous(), k.contiguous(), q_weight.contiguous(), k_weight.contiguous(),
                                 sin, cos, p, eps)
 
 
 def qk_norm_rope_backward(dq, dk, q, k, q_weight, k_weight, sin, cos, q_rstd, k_rstd, p):
     sin, cos, p = _rope_args(q, sin, cos, p)
-    return _qk.qk_norm_rope_bwd(dq.contiguous(), dk.contiguous(), q.contiguous(), k.contiguous(),
+    return _kernels("qk_norm_rope").qk_norm_rope_bwd(dq.contiguous(), dk.contiguous(), q.contiguous(), k.contiguous(),
                                 q_weight.contiguous(), k_weight.contiguous(), sin, cos,
                                 q_rstd.contiguous(), k_rstd.contiguous(), p)
+
+
+def _c(t):
+    return None if t is None else t.contiguous()
+
+
+def attention(q, k, v, qw, kw, sin, cos, p, seq_lens, scale, eps):
+    return _kernels("attention").attention_fwd(_c(q), _c(k), _c(v), _c(qw), _c(kw), _c(sin), _c(cos), p, _c(seq_lens), scale, eps)
+
+
+def attention_backward(do, q, k, v, o, lse, qw, kw, sin, cos, p, seq_lens, scale, eps):
+    return _kernels("attention").attention_bwd(_c(do), _c(q), _c(k), _c(v), _c(o), _c(lse), _c(qw), _c(kw), _c(sin), _c(cos), p,
+                             _c(seq_lens), scale, eps)
+
+
+def window_attention(q, k, v, pq, pk, pv, token_mask, gh, gw, w, layout, scale):
+    return _kernels("window_attention").window_attention_fwd(_c(q), _c(k), _c(v), _c(pq), _c(pk), _c(pv), _c(token_mask), gh, gw, w, layout, scale)
+
+
+def window_attention_backward(do, dpo, q, k, v, pq, pk, pv, token_mask, o, po, lse, gh, gw, w, layout, scale):
+    return _kernels("window_attention").window_attention_bwd(_c(do), _c(dpo), _c(q), _c(k), _c(v), _c(pq), _c(pk), _c(pv), _c(token_mask),
+                                    _c(o), _c(po), _c(lse), gh, gw, w, layout, scale)
+
+
+def cls_pool(cq, ck, cv, k, v, gh, gw, w, layout, scale):
+    return _kernels("window_attention").cls_pool_fwd(_c(cq), _c(ck), _c(cv), _c(k), _c(v), gh, gw, w, layout, scale)
+
+
+def cls_pool_backward(do, cq, ck, cv, k, v, o, lse, gh, gw, w, layout, scale):
+    return _kernels("window_attention").cls_pool_bwd(_c(do), _c(cq), _c(ck), _c(cv), _c(k), _c(v), _c(o), _c(lse), gh, gw, w, layout, scale)
