@@ -252,3 +252,11 @@ def test_swiglu_linear_matches_composition_and_keeps_only_its_input():
     assert {tuple(t.shape) for t in saved} == {(2, 5, 48), (16, 24)}  # x12 and the weight, not swiglu(x12)
     with pytest.raises(ValueError, match="w3 must be"):
         ops.swiglu_linear(x12, _leaf(16, 23))
+
+
+def test_cls_pool_single_gathered_window_backward():
+    """One gathered window: the reference's views must not make outputs alias each other."""
+    cq, ck, cv = _leaf(2, 1, 2, 8), _leaf(2, 1, 2, 8), _leaf(2, 1, 2, 8)
+    k, v = _leaf(2, 16, 2, 8), _leaf(2, 16, 2, 8)
+    out = ops.cls_pool(cq, ck, cv, k, v, (8, 8), 4, layout="windows")
+    torch.autograd.grad(out.sum(), (cq, ck, cv, k, v))

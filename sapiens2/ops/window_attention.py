@@ -205,8 +205,8 @@ def _cls_pool_backward(
     shp = cls_q.shape
     return (
         dq.reshape(shp).to(cls_q.dtype),
-        dk[:, :, 0].reshape(shp).to(cls_k.dtype),
-        dv[:, :, 0].reshape(shp).to(cls_v.dtype),
+        dk[:, :, 0].reshape(shp).to(cls_k.dtype).clone(),  # own storage: must not alias dk below
+        dv[:, :, 0].reshape(shp).to(cls_v.dtype).clone(),
         from_windows(dk[:, :, 1:], B, grid_h, grid_w, window, layout).to(k.dtype),
         from_windows(dv[:, :, 1:], B, grid_h, grid_w, window, layout).to(v.dtype),
     )

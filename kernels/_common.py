@@ -1,0 +1,64 @@
+"""Helpers shared by the Triton kernels: interpreter detection and dtype-faithful rounding.
+
+Under ``TRITON_INTERPRET=1`` (CPU tensors) bf16 arithmetic is not emulated and fp32 -> bf16
+conversion truncates, so the kernels load every operand as fp32 (exact), compute in fp32, and
+round values meant for a bf16 tensor with round-to-nearest-even done on the bits, as the GPU
+conversion does.
+"""
+
+from __future__ import annotations
+
+import os
+
+import torch
+import triton
+import triton.language as tl
+
+INTERPRET = os.environ.get("TRITON_INTERPRET") == "1"
+
+
+def num_warps_for(block: int) -> int:
+    """Warps for a row-wise kernel over ``block`` elements (Liger-Kernel's rule of thumb)."""
+    if block >= 32768:
+        return 32
+    if block >= 8192:
+        return 16
+    if block >= 2048:
+        return 8
+    return 4
+
+
+def check_dtype(*tensors: torch.Tensor) -> None:
+    for t in tensors:
+        if t is not None and t.dtype not in (torch.float32, torch.float16, torch.bfloat16):
+            raise NotImplementedError(f"Triton kernels take float32/float16/bfloat16, got {t.dtype}")
+
+
+@triton.jit
+def rne_bf16(x):
+    """fp32 values rounded to the nearest bf16-representable value (ties to even), kept as fp32."""
+    b = x.to(tl.uint32, bitcast=True)
+    b = (b + 0x7FFF + ((b >> 16) & 1)) & 0xFFFF0000
+    return b.to(tl.float32, bitcast=True)
+
+
+@triton.jit
+def round_to(x, DTYPE: tl.constexpr, INTERPRET: tl.constexpr):
+    """fp32 ``x`` rounded as a store into ``DTYPE`` would round it, returned as fp32."""
+    if DTYPE == tl.float32:
+        y = x
+    elif INTERPRET and DTYPE == tl.bfloat16:
+        y = rne_bf16(x)
+    else:
+        y = x.to(DTYPE).to(tl.float32)
+    return y
+
+
+@triton.jit
+def store_val(x, DTYPE: tl.constexpr, INTERPRET: tl.constexpr):
+    """fp32 ``x`` converted for a store into a ``DTYPE`` tensor (exact rounding under the interpreter)."""
+    if INTERPRET and DTYPE == tl.bfloat16:
+        y = rne_bf16(x).to(DTYPE)
+    else:
+        y = x.to(DTYPE)
+    return y
