@@ -25,7 +25,11 @@ import triton.language as tl
 
 from ._common import INTERPRET, check_dtype, store_val
 
-NUM_WARPS = 4
+
+
+def num_warps(block_h: int, block_half: int) -> int:
+    """Enough threads that each holds ~4 elements of a (heads, D/2) tile: no spills at 32 heads."""
+    return max(4, min(16, block_h * block_half // 256))
 
 
 @triton.jit
@@ -108,12 +112,12 @@ def _bwd_heads(G, X, DX, W, RSTD, SIN, COS, tok, nheads, D, HALF, s_off, rot, dw
 def _bwd_kernel(GQ, GK, Q, K, DQ, DK, QR, KR, QW, KW, SIN, COS, DQW_PART, DKW_PART, T, N, HQ, HK, D, HALF, P,
                 SIN_BSTRIDE, tokens_per_program, BLOCK_HQ: tl.constexpr, BLOCK_HK: tl.constexpr,
                 BLOCK_HALF: tl.constexpr, INTERPRET: tl.constexpr):
+    # grid axis 1 picks q (0) or k (1): one launch, and each program keeps only one tensor's state live
     pid = tl.program_id(0)
-    qw1 = tl.zeros([BLOCK_HALF], dtype=tl.float32)
-    qw2 = tl.zeros([BLOCK_HALF], dtype=tl.float32)
-    kw1 = tl.zeros([BLOCK_HALF], dtype=tl.float32)
-    kw2 = tl.zeros([BLOCK_HALF], dtype=tl.float32)
+    w1 = tl.zeros([BLOCK_HALF], dtype=tl.float32)
+    w2 = tl.zeros([BLOCK_HALF], dtype=tl.float32)
     first = pid.to(tl.int64) * tokens_per_program
+    is_q = tl.program_id(1) == 0
     for i in range(0, tokens_per_program):
         tok = first + i
         if tok < T:
@@ -121,16 +125,20 @@ def _bwd_kernel(GQ, GK, Q, K, DQ, DK, QR, KR, QW, KW, SIN, COS, DQW_PART, DKW_PA
             n = tok % N
             rot = n >= P
             s_off = b * SIN_BSTRIDE + (n - P) * D
-            qw1, qw2 = _bwd_heads(GQ, Q, DQ, QW, QR, SIN, COS, tok, HQ, D, HALF, s_off, rot, qw1, qw2,
-                                  BLOCK_HQ, BLOCK_HALF, INTERPRET)
-            kw1, kw2 = _bwd_heads(GK, K, DK, KW, KR, SIN, COS, tok, HK, D, HALF, s_off, rot, kw1, kw2,
-                                  BLOCK_HK, BLOCK_HALF, INTERPRET)
+            if is_q:
+                w1, w2 = _bwd_heads(GQ, Q, DQ, QW, QR, SIN, COS, tok, HQ, D, HALF, s_off, rot, w1, w2,
+                                    BLOCK_HQ, BLOCK_HALF, INTERPRET)
+            else:
+                w1, w2 = _bwd_heads(GK, K, DK, KW, KR, SIN, COS, tok, HK, D, HALF, s_off, rot, w1, w2,
+                                    BLOCK_HK, BLOCK_HALF, INTERPRET)
     c = tl.arange(0, BLOCK_HALF)
     cm = c < HALF
-    tl.store(DQW_PART + pid * D + c, qw1, mask=cm)
-    tl.store(DQW_PART + pid * D + HALF + c, qw2, mask=cm)
-    tl.store(DKW_PART + pid * D + c, kw1, mask=cm)
-    tl.store(DKW_PART + pid * D + HALF + c, kw2, mask=cm)
+    if is_q:
+        tl.store(DQW_PART + pid * D + c, w1, mask=cm)
+        tl.store(DQW_PART + pid * D + HALF + c, w2, mask=cm)
+    else:
+        tl.store(DKW_PART + pid * D + c, w1, mask=cm)
+        tl.store(DKW_PART + pid * D + HALF + c, w2, mask=cm)
 
 
 def _blocks(q, k):
@@ -159,7 +167,7 @@ def qk_norm_rope_fwd(q, k, q_weight, k_weight, sin, cos, num_prefix_tokens: int,
     if B * N:
         _fwd_kernel[(B * N,)](q, k, qo, ko, qr, kr, q_weight.contiguous(), k_weight.contiguous(), sin, cos, N, HQ,
                               HK, D, D // 2, num_prefix_tokens, sbs, eps, BLOCK_HQ=bq, BLOCK_HK=bk, BLOCK_HALF=bh,
-                              INTERPRET=INTERPRET, num_warps=NUM_WARPS)
+                              INTERPRET=INTERPRET, num_warps=num_warps(max(bq, bk), bh))
     return qo, ko, qr, kr
 
 
@@ -178,9 +186,10 @@ def qk_norm_rope_bwd(dq, dk, q, k, q_weight, k_weight, sin, cos, q_rstd, k_rstd,
     bq, bk, bh = _blocks(q, k)
     sin, cos, sbs = _tables(sin, cos, B, N, num_prefix_tokens, D)
     if T:
-        _bwd_kernel[(programs,)](dq, dk, q, k, dqi, dki, q_rstd, k_rstd, q_weight.contiguous(), k_weight.contiguous(),
+        _bwd_kernel[(programs, 2)](dq, dk, q, k, dqi, dki, q_rstd, k_rstd, q_weight.contiguous(), k_weight.contiguous(),
                                  sin, cos, dqw, dkw, T, N, HQ, HK, D, D // 2, num_prefix_tokens, sbs, per,
-                                 BLOCK_HQ=bq, BLOCK_HK=bk, BLOCK_HALF=bh, INTERPRET=INTERPRET, num_warps=NUM_WARPS)
+                                 BLOCK_HQ=bq, BLOCK_HK=bk, BLOCK_HALF=bh, INTERPRET=INTERPRET,
+                                 num_warps=num_warps(max(bq, bk), bh))
     return dqi, dki, dqw.sum(0).to(q_weight.dtype), dkw.sum(0).to(k_weight.dtype)
 
 
@@ -195,13 +204,14 @@ def shipped_configs(dtypes=(torch.bfloat16, torch.float16)):
         for hq, hk, d in sorted(shapes):
             cx = {"BLOCK_HQ": triton.next_power_of_2(hq), "BLOCK_HK": triton.next_power_of_2(hk),
                   "BLOCK_HALF": triton.next_power_of_2(d // 2), "INTERPRET": False}
+            nw = num_warps(max(cx["BLOCK_HQ"], cx["BLOCK_HK"]), cx["BLOCK_HALF"])
             ints = {a: "i32" for a in ("T", "N", "HQ", "HK", "D", "HALF", "P", "SIN_BSTRIDE", "tokens_per_program")}
             f32 = torch.float32
             out.append(entry(f"qk_norm_rope_fwd[{dt},H={hq},Hkv={hk},D={d}]", _fwd_kernel,
                              {"Q": dt, "K": dt, "QO": dt, "KO": dt, "QR": f32, "KR": f32, "QW": dt, "KW": dt,
-                              "SIN": f32, "COS": f32, "eps": "fp32", **ints}, cx, NUM_WARPS))
+                              "SIN": f32, "COS": f32, "eps": "fp32", **ints}, cx, nw))
             out.append(entry(f"qk_norm_rope_bwd[{dt},H={hq},Hkv={hk},D={d}]", _bwd_kernel,
                              {"GQ": dt, "GK": dt, "Q": dt, "K": dt, "DQ": dt, "DK": dt, "QR": f32, "KR": f32,
                               "QW": dt, "KW": dt, "SIN": f32, "COS": f32, "DQW_PART": f32, "DKW_PART": f32, **ints},
-                             cx, NUM_WARPS))
+                             cx, nw))
     return out

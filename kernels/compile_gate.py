@@ -1,0 +1,148 @@
+"""Ahead-of-time compile of every shipped Triton config for Hopper (sm_90a) or Ampere (sm_80),
+without a GPU: compiled or the error, registers per thread and spill bytes (``ptxas -v``), shared
+memory, and whether the code uses wgmma / TMA. Must run in a process without TRITON_INTERPRET.
+
+    python -m sapiens2.kernels.compile_gate [--target sm_90a] [--all] [--json]
+"""
+
+from __future__ import annotations
+
+import hashlib
+import json
+import os
+import re
+import subprocess
+import sys
+import tempfile
+from concurrent.futures import ProcessPoolExecutor
+
+MAX_SHARED = 227 * 1024
+_TARGETS = {"sm_90a": 90, "sm_90": 90, "sm_80": 80}
+
+
+def _ptxas() -> str:
+    import triton
+
+    path = os.path.join(os.path.dirname(triton.__file__), "backends", "nvidia", "bin", "ptxas")
+    return path if os.path.exists(path) else "ptxas"
+
+
+def _ptxas_usage(ptx: str, arch: str) -> tuple[int, int]:
+    with tempfile.TemporaryDirectory() as d:
+        src = os.path.join(d, "k.ptx")
+        with open(src, "w") as f:
+            f.write(ptx)
+        r = subprocess.run([_ptxas(), "-v", f"--gpu-name={arch}", src, "-o", os.path.join(d, "k.cubin")],
+                           capture_output=True, text=True)
+    out = r.stdout + r.stderr
+    regs = sum(int(m) for m in re.findall(r"Used (\d+) registers", out))
+    spills = sum(int(a) + int(b) for a, b in re.findall(r"(\d+) bytes spill stores, (\d+) bytes spill loads", out))
+    return regs, spills
+
+
+def compile_config(c: dict, target: str = "sm_90a") -> dict:
+    import triton
+    from triton.backends.compiler import GPUTarget
+    from triton.compiler import ASTSource
+
+    row = {"kernel": c["name"], "language": "triton", "module": c.get("module"),
+           "config": {"num_warps": c["num_warps"], "num_stages": c["num_stages"],
+                      **{k: v for k, v in c["constexprs"].items() if k != "INTERPRET"}},
+           "target": target, "compiled": False, "error": None, "registers": None, "spill_bytes": None,
+           "shared_bytes": None, "wgmma": False, "tma": False}
+    try:
+        k = triton.compile(ASTSource(fn=c["fn"], signature=c["signature"], constexprs=c["constexprs"],
+                                     attrs=c.get("attrs")),
+                           target=GPUTarget("cuda", _TARGETS[target], 32),
+                           options={"num_warps": c["num_warps"], "num_stages": c["num_stages"]})
+    except Exception as e:  # report, don't crash: the gate lists every failure
+        row["error"] = f"{type(e).__name__}: {str(e).strip().splitlines()[-1] if str(e).strip() else ''}"[:500]
+        return row
+    ptx = k.asm["ptx"]
+    row["registers"], row["spill_bytes"] = _ptxas_usage(ptx, "sm_90a" if target.startswith("sm_90") else target)
+    row.update(compiled=True, shared_bytes=int(k.metadata.shared),
+               wgmma="wgmma.mma_async" in ptx, tma="cp.async.bulk.tensor" in ptx)
+    return row
+
+
+def _compile_index(args):
+    i, target, real = args
+    from .registry import shipped_configs
+
+    return compile_config(shipped_configs(real)[i], target)
+
+
+def run_gate(target: str = "sm_90a", only_real_shapes: bool = True, jobs: int | None = None) -> list[dict]:
+    if os.environ.get("TRITON_INTERPRET") == "1":
+        raise RuntimeError("the compile gate needs a process without TRITON_INTERPRET=1")
+    if target not in _TARGETS:
+        raise ValueError(f"target must be one of {sorted(_TARGETS)}, got {target!r}")
+    from .registry import shipped_configs
+
+    n = len(shipped_configs(only_real_shapes))
+    jobs = jobs or max(1, min(4, os.cpu_count() or 1))
+    with ProcessPoolExecutor(jobs) as ex:
+        return list(ex.map(_compile_index, [(i, target, only_real_shapes) for i in range(n)], chunksize=4))
+
+
+def source_hash() -> str:
+    """Hash of the kernel sources and the triton version: the key of a cached report."""
+    import triton
+
+    h = hashlib.sha256(triton.__version__.encode())
+    here = os.path.dirname(os.path.abspath(__file__))
+    for name in sorted(os.listdir(here)):
+        if name.endswith(".py"):
+            with open(os.path.join(here, name), "rb") as f:
+                h.update(f.read())
+    return h.hexdigest()[:16]
+
+
+def cached_gate(target: str = "sm_90a", cache_dir: str | None = None) -> list[dict]:
+    """``run_gate`` in a clean subprocess, cached per kernel-source hash (for ``sapiens2 bench``)."""
+    cache_dir = cache_dir or os.path.join(os.path.expanduser("~"), ".cache", "sapiens2")
+    os.makedirs(cache_dir, exist_ok=True)
+    path = os.path.join(cache_dir, f"compile_gate_{target}_{source_hash()}.json")
+    if os.path.exists(path):
+        with open(path) as f:
+            return json.load(f)
+    env = {k: v for k, v in os.environ.items() if k != "TRITON_INTERPRET"}
+    r = subprocess.run([sys.executable, "-m", "sapiens2.kernels.compile_gate", "--target", target, "--json"],
+                       capture_output=True, text=True, env=env, check=False)
+    rows = json.loads(r.stdout)
+    with open(path, "w") as f:
+        json.dump(rows, f)
+    return rows
+
+
+def print_report(rows: list[dict]) -> None:
+    print(f"{'kernel':<58}{'target':>8}{'ok':>4}{'regs':>6}{'spill':>7}{'smem KiB':>10}{'wgmma':>7}{'tma':>5}")
+    for r in rows:
+        smem = "-" if r["shared_bytes"] is None else f"{r['shared_bytes'] / 1024:.1f}"
+        print(f"{r['kernel'][:57]:<58}{r['target']:>8}{'yes' if r['compiled'] else 'NO':>4}{r['registers'] or '-':>6}"
+              f"{'-' if r['spill_bytes'] is None else r['spill_bytes']:>7}{smem:>10}{'yes' if r['wgmma'] else '-':>7}"
+              f"{'yes' if r['tma'] else '-':>5}")
+        if r["error"]:
+            print(f"    error: {r['error']}")
+    bad = [r for r in rows if not r["compiled"] or r["spill_bytes"] or (r["shared_bytes"] or 0) > MAX_SHARED]
+    print(f"\n{len(rows)} configs, {len(rows) - len(bad)} clean (compiled, no spills, shared <= 227 KiB), {len(bad)} not")
+
+
+def main(argv=None) -> int:
+    import argparse
+
+    p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    p.add_argument("--target", default="sm_90a")
+    p.add_argument("--all", action="store_true", help="every config (fp16 too), not only the real-shape bf16 ones")
+    p.add_argument("--json", action="store_true")
+    a = p.parse_args(argv)
+    rows = run_gate(a.target, only_real_shapes=not a.all)
+    if a.json:
+        print(json.dumps(rows))
+    else:
+        print_report(rows)
+    return 0 if all(r["compiled"] and not r["spill_bytes"] and r["shared_bytes"] <= MAX_SHARED for r in rows) else 1
+
+
+if __name__ == "__main__":
+    sys.exit(main())
