@@ -165,6 +165,8 @@ def _opcheck_cases():
         ("add_rms_norm_backward", (r(3, 32), r(3, 32), r(3, 32), r(3, 32), r(32), r(32), r(3).abs())),
         ("swiglu", (g(4, 2, 24),)),
         ("swiglu_backward", (r(4, 12), r(4, 24))),
+        ("swiglu_recompute_backward", (r(4, 12), r(4, 24), True)),
+        ("swiglu_recompute_backward", (r(3, 2, 12), r(3, 2, 24), False)),
         ("qk_norm_rope", (g(2, 9, 4, 16), g(2, 9, 2, 16), g(16), g(16), sin, cos, 2, 1e-6)),
         ("qk_norm_rope_backward", (r(2, 9, 4, 16), r(2, 9, 2, 16), r(2, 9, 4, 16), r(2, 9, 2, 16), r(16), r(16),
                                    sin, cos, r(2, 9, 4).abs(), r(2, 9, 2).abs(), 2)),
@@ -241,17 +243,19 @@ def test_bad_inputs():
             pass
 
 
-def test_swiglu_linear_matches_composition_and_keeps_only_its_input():
-    x12, w3, b3 = _leaf(2, 5, 2 * 24), _leaf(16, 24), _leaf(16)
-    out = ops.swiglu_linear(x12, w3, b3)
-    ref = plain.swiglu(x12) @ w3.t() + b3
-    _compare(out, ref, (x12, w3, b3))
+def test_swiglu_ffn_matches_composition_and_keeps_no_hidden_activation():
+    x, w12, b12, w3, b3 = _leaf(2, 5, 16), _leaf(48, 16), _leaf(48), _leaf(16, 24), _leaf(16)
+    out = ops.swiglu_ffn(x, w12, b12, w3, b3)
+    ref = plain.swiglu(x @ w12.t() + b12) @ w3.t() + b3
+    _compare(out, ref, (x, w12, b12, w3, b3))
     saved = []
     with torch.autograd.graph.saved_tensors_hooks(lambda t: saved.append(t) or t, lambda t: t):
-        ops.swiglu_linear(x12, w3, b3)
-    assert {tuple(t.shape) for t in saved} == {(2, 5, 48), (16, 24)}  # x12 and the weight, not swiglu(x12)
+        ops.swiglu_ffn(x, w12, b12, w3, b3)
+    assert {tuple(t.shape) for t in saved} == {(2, 5, 16), (2, 5, 48), (48, 16), (16, 24)}  # no (2, 5, 24)
     with pytest.raises(ValueError, match="w3 must be"):
-        ops.swiglu_linear(x12, _leaf(16, 23))
+        ops.swiglu_ffn(x, w12, b12, _leaf(16, 23), b3)
+    with pytest.raises(ValueError, match="w12 must be"):
+        ops.swiglu_ffn(x, _leaf(48, 15), b12, w3, b3)
 
 
 def test_cls_pool_single_gathered_window_backward():

@@ -48,8 +48,8 @@ class SwiGLUFFN(nn.Module):
         self.w3 = nn.Linear(hidden, dim, bias=bias)
 
     def forward(self, x: Tensor) -> Tensor:
-        # the hidden activation is recomputed in backward rather than kept (ops.swiglu_linear)
-        return ops.swiglu_linear(self.w12(x), self.w3.weight, self.w3.bias)
+        # the hidden activation is recomputed in backward rather than kept (ops.swiglu_ffn)
+        return ops.swiglu_ffn(x, self.w12.weight, self.w12.bias, self.w3.weight, self.w3.bias)
 
 
 class Attention(nn.Module):

@@ -10,7 +10,7 @@ from .attention import attention
 from .backend import available_backends, current_backend, use_backend
 from .qk_norm_rope import qk_norm_rope
 from .rms_norm import rms_norm
-from .swiglu import swiglu, swiglu_linear
+from .swiglu import swiglu, swiglu_ffn
 from .window_attention import cls_pool, window_attention
 
 __all__ = [
@@ -21,7 +21,7 @@ __all__ = [
     "qk_norm_rope",
     "rms_norm",
     "swiglu",
-    "swiglu_linear",
+    "swiglu_ffn",
     "use_backend",
     "window_attention",
 ]

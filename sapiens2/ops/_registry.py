@@ -4,6 +4,6 @@ importing ``sapiens2`` never imports triton or the compiled extension."""
 from .backend import register_impl
 
 for _op in ("rms_norm", "rms_norm_backward", "add_rms_norm", "add_rms_norm_backward", "swiglu",
-            "swiglu_backward", "qk_norm_rope", "qk_norm_rope_backward", "attention", "attention_backward",
+            "swiglu_backward", "swiglu_recompute_backward", "qk_norm_rope", "qk_norm_rope_backward", "attention", "attention_backward",
             "window_attention", "window_attention_backward", "cls_pool", "cls_pool_backward"):
     register_impl(_op, "triton", "sapiens2.ops._triton", _op)

@@ -56,6 +56,11 @@ def swiglu_backward(dy, x12):
     return _kernels("swiglu").swiglu_bwd(_rows(dy), _rows(x12)).view(x12.shape)
 
 
+def swiglu_recompute_backward(ds, x12, bias_grad):
+    s, dx12, db = _kernels("swiglu").swiglu_recompute_bwd(_rows(ds), _rows(x12), bias_grad)
+    return s.view(*x12.shape[:-1], x12.shape[-1] // 2), dx12.view(x12.shape), db
+
+
 def _rope_args(q: Tensor, sin, cos, p: int):
     if sin is None:  # norm only: every token counts as a prefix token (none rotated)
         dummy = torch.zeros(1, q.shape[-1], device=q.device, dtype=torch.float32)

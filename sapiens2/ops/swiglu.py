@@ -78,41 +78,69 @@ def swiglu(x12: Tensor) -> Tensor:
     return torch.ops.sapiens2.swiglu(x12)
 
 
-class _SwiGLULinear(torch.autograd.Function):
-    """``linear(swiglu(x12), w3, b3)`` keeping only ``x12`` for backward.
+@torch.library.custom_op("sapiens2::swiglu_recompute_backward", mutates_args=())
+def _swiglu_recompute_backward(ds: Tensor, x12: Tensor, bias_grad: bool) -> tuple[Tensor, Tensor, Tensor]:
+    """One pass over ``x12`` in the FFN backward: the recomputed hidden ``s = swiglu(x12)`` (for the
+    ``w3`` weight gradient), ``dx12`` and, when ``bias_grad``, the ``w12`` bias gradient
+    ``sum_rows(dx12)`` (empty otherwise)."""
+    impl = backend.select("swiglu_recompute_backward", x12)
+    if impl != "reference":
+        return impl(ds, x12, bias_grad)
+    dx12 = _swiglu_bwd_ref(ds, x12)
+    db = dx12.to(stat_dtype(x12)).reshape(-1, x12.shape[-1]).sum(0).to(x12.dtype) if bias_grad else x12.new_empty(0)
+    return _swiglu_ref(x12), dx12, db
 
-    The hidden activation ``s = swiglu(x12)`` (F = 4C per token) would otherwise be kept by the
-    linear for its weight gradient; here it is recomputed in backward by the same SwiGLU kernel::
 
-        s = swiglu(x12);  dW3 = dy^T s;  db3 = sum_rows(dy);  dx12 = swiglu_backward(dy W3, x12)
+@_swiglu_recompute_backward.register_fake
+def _(ds, x12, bias_grad):
+    return (x12.new_empty(*x12.shape[:-1], x12.shape[-1] // 2), torch.empty_like(x12),
+            x12.new_empty(x12.shape[-1] if bias_grad else 0))
+
+
+class _SwiGLUFFN(torch.autograd.Function):
+    """``w3(swiglu(w12(x)))`` keeping only ``x`` and ``x12`` for backward.
+
+    The hidden activation ``s = swiglu(x12)`` (F = 4C per token) is recomputed in backward instead of
+    kept, in the same pass that produces ``dx12`` and the ``w12`` bias gradient::
+
+        ds = dy W3;  (s, dx12, db12) = swiglu_recompute_backward(ds, x12)
+        dW3 = dy^T s;  db3 = sum_rows(dy);  dW12 = dx12^T x;  dx = dx12 W12
     """
 
     @staticmethod
-    def forward(ctx, x12: Tensor, w3: Tensor, b3):
-        ctx.save_for_backward(x12, w3)
-        ctx.has_bias = b3 is not None
+    def forward(ctx, x: Tensor, w12: Tensor, b12, w3: Tensor, b3):
+        x12 = F.linear(x, w12, b12)
+        ctx.save_for_backward(x, x12, w12, w3)
+        ctx.biases = (b12 is not None, b3 is not None)
         return F.linear(torch.ops.sapiens2.swiglu(x12), w3, b3)
 
     @staticmethod
     def backward(ctx, dy: Tensor):
-        x12, w3 = ctx.saved_tensors
-        s = torch.ops.sapiens2.swiglu(x12)
+        x, x12, w12, w3 = ctx.saved_tensors
+        has_b12, has_b3 = ctx.biases
+        need = ctx.needs_input_grad
         dy2 = dy.reshape(-1, dy.shape[-1])
-        dw3 = dy2.t() @ s.reshape(-1, s.shape[-1]) if ctx.needs_input_grad[1] else None
-        db3 = dy2.sum(0) if ctx.has_bias and ctx.needs_input_grad[2] else None
-        dx12 = torch.ops.sapiens2.swiglu_backward(dy @ w3, x12) if ctx.needs_input_grad[0] else None
-        return dx12, dw3, db3
+        s, dx12, db12 = torch.ops.sapiens2.swiglu_recompute_backward(dy @ w3, x12, has_b12 and need[2])
+        dx12_2 = dx12.reshape(-1, dx12.shape[-1])
+        dw3 = dy2.t() @ s.reshape(-1, s.shape[-1]) if need[3] else None
+        db3 = dy2.sum(0) if has_b3 and need[4] else None
+        dw12 = dx12_2.t() @ x.reshape(-1, x.shape[-1]) if need[1] else None
+        dx = dx12 @ w12 if need[0] else None
+        return dx, dw12, (db12 if has_b12 and need[2] else None), dw3, db3
 
 
-def swiglu_linear(x12: Tensor, w3: Tensor, b3: "Tensor | None" = None) -> Tensor:
-    """``linear(swiglu(x12), w3, b3)`` that recomputes the hidden activation in backward instead of
-    keeping it. ``x12``: ``(..., 2F)``; ``w3``: ``(C, F)``; ``b3``: ``(C,)`` or None."""
-    check_float("x12", x12)
-    check_float("w3", w3)
-    if x12.shape[-1] % 2 or w3.dim() != 2 or w3.shape[1] * 2 != x12.shape[-1]:
-        raise ValueError(
-            f"w3 must be (C, F) with x12 (..., 2F); got x12 {tuple(x12.shape)} and w3 {tuple(w3.shape)}"
-        )
+def swiglu_ffn(x: Tensor, w12: Tensor, b12: "Tensor | None", w3: Tensor, b3: "Tensor | None") -> Tensor:
+    """The SwiGLU FFN ``w3(silu(a) * b)``, ``a, b = w12(x).chunk(2, -1)``, with a backward that
+    recomputes the hidden activation instead of keeping it. ``x``: ``(..., C)``; ``w12``: ``(2F, C)``;
+    ``w3``: ``(C_out, F)``; biases or None."""
+    for name, t in (("x", x), ("w12", w12), ("w3", w3)):
+        check_float(name, t)
+    if w12.dim() != 2 or w12.shape[1] != x.shape[-1] or w12.shape[0] % 2:
+        raise ValueError(f"w12 must be (2F, C={x.shape[-1]}), got {tuple(w12.shape)}")
+    if w3.dim() != 2 or w3.shape[1] * 2 != w12.shape[0]:
+        raise ValueError(f"w3 must be (C_out, F={w12.shape[0] // 2}), got {tuple(w3.shape)}")
+    if b12 is not None and tuple(b12.shape) != (w12.shape[0],):
+        raise ValueError(f"b12 must have shape ({w12.shape[0]},), got {tuple(b12.shape)}")
     if b3 is not None and tuple(b3.shape) != (w3.shape[0],):
         raise ValueError(f"b3 must have shape ({w3.shape[0]},), got {tuple(b3.shape)}")
-    return _SwiGLULinear.apply(x12, w3, b3)
+    return _SwiGLUFFN.apply(x, w12, b12, w3, b3)

@@ -110,6 +110,23 @@ def test_swiglu(M, F, dtype):
     _check("dx12", SW.swiglu_bwd(g.to(dtype), x.to(dtype)), ex_g[0], lo_g[0], dtype)
 
 
+@pytest.mark.parametrize("dtype", DTYPES, ids=str)
+@pytest.mark.parametrize("M,F,bias", [(1, 1, True), (37, 77, True), (300, 1024, True), (5, 3072, False)])
+def test_swiglu_recompute_backward(M, F, bias, dtype):
+    """The FFN backward pass: recomputed hidden s, dx12 and the w12 bias gradient (a row sum)."""
+    gen = torch.Generator().manual_seed(M + F)
+    x, g = _data(M, 2 * F, gen=gen, scale=2.0), _data(M, F, gen=gen)
+    s, dx12, db = SW.swiglu_recompute_bwd(g.to(dtype), x.to(dtype), bias)
+    ex_out, ex_g = _plain_grads(plain.swiglu, [x], torch.float64, g)
+    lo_out, lo_g = _plain_grads(plain.swiglu, [x], dtype, g)
+    _check("s", s, ex_out, lo_out, dtype)
+    _check("dx12", dx12, ex_g[0], lo_g[0], dtype)
+    if bias:
+        _check("db12", db, ex_g[0].sum(0), lo_g[0].float().sum(0).to(dtype), dtype)
+    else:
+        assert db.numel() == 0
+
+
 @pytest.mark.slow
 @pytest.mark.parametrize("dtype", DTYPES, ids=str)
 def test_swiglu_full_size(dtype):

@@ -31,6 +31,7 @@ CASES = {
     "rms_norm": (_g(3, 5, 96), _g(96), 1e-6),
     "add_rms_norm": (_g(3, 96), _g(3, 96), _g(96), _g(96), 1e-6),
     "swiglu": (_g(4, 2, 200),),
+    "swiglu_recompute_backward": (_r(4, 2, 100), _r(4, 2, 200), True),
     "qk_norm_rope": (_g(2, 9, 4, 64), _g(2, 9, 2, 64), _g(64), _g(64), SIN, COS, 2, 1e-6),
 }
 

@@ -1,0 +1,208 @@
+"""A transformer block written the way the official Sapiens2 code writes it (plain PyTorch ops), for
+costing side by side with ours: ``nn.RMSNorm``, separate q/k/v projections viewed and permuted to
+``(B, heads, N, D)``, per-head RMSNorm, ``repeat_interleave`` of K/V for GQA, rotate-half RoPE with
+``torch.cat`` of the prefix tokens, ``scaled_dot_product_attention``, permute + reshape back, output
+projection, LayerScale, residual adds, SwiGLU FFN (``w12`` -> chunk -> ``silu(a) * b`` -> ``w3``).
+
+``gpu_like=True`` costs it the way PyTorch runs it on a GPU: each ``nn.RMSNorm`` is one fused kernel
+per direction and SDPA one flash kernel per direction (single custom ops in the ``sapiens2_cost``
+namespace, with fake implementations and FLOP formulas); on the CPU both would decompose.
+"""
+
+from __future__ import annotations
+
+import torch
+import torch.nn.functional as F
+from torch import Tensor, nn
+from torch.utils.flop_counter import register_flop_formula
+
+# ------------------------------------------------------------------------------------ one-kernel stand-ins
+
+
+@torch.library.custom_op("sapiens2_cost::fused_rms_norm", mutates_args=())
+def fused_rms_norm(x: Tensor, w: Tensor, eps: float) -> tuple[Tensor, Tensor]:
+    rstd = torch.rsqrt(x.float().pow(2).mean(-1) + eps)
+    return (x.float() * rstd[..., None] * w.float()).to(x.dtype), rstd
+
+
+@fused_rms_norm.register_fake
+def _(x, w, eps):
+    return torch.empty_like(x), x.new_empty(x.shape[:-1], dtype=torch.float32)
+
+
+@torch.library.custom_op("sapiens2_cost::fused_rms_norm_backward", mutates_args=())
+def fused_rms_norm_backward(dy: Tensor, x: Tensor, w: Tensor, rstd: Tensor) -> tuple[Tensor, Tensor]:
+    xhat = x.float() * rstd[..., None]
+    g = dy.float() * w.float()
+    dx = rstd[..., None] * (g - xhat * (g * xhat).mean(-1, keepdim=True))
+    return dx.to(x.dtype), (dy.float() * xhat).reshape(-1, x.shape[-1]).sum(0).to(w.dtype)
+
+
+@fused_rms_norm_backward.register_fake
+def _(dy, x, w, rstd):
+    return torch.empty_like(x), torch.empty_like(w)
+
+
+def _rms_setup(ctx, inputs, output):
+    ctx.save_for_backward(inputs[0], inputs[1], output[1])
+
+
+def _rms_bwd(ctx, dy, _):
+    x, w, rstd = ctx.saved_tensors
+    dx, dw = torch.ops.sapiens2_cost.fused_rms_norm_backward(dy, x, w, rstd)
+    return dx, dw, None
+
+
+fused_rms_norm.register_autograd(_rms_bwd, setup_context=_rms_setup)
+
+
+@torch.library.custom_op("sapiens2_cost::flash_sdpa", mutates_args=())
+def flash_sdpa(q: Tensor, k: Tensor, v: Tensor) -> tuple[Tensor, Tensor]:
+    s = (q.float() @ k.float().transpose(-1, -2)) * q.shape[-1] ** -0.5
+    return (torch.softmax(s, -1) @ v.float()).to(q.dtype), torch.logsumexp(s, -1)
+
+
+@flash_sdpa.register_fake
+def _(q, k, v):
+    return torch.empty_like(q), q.new_empty(q.shape[:-1], dtype=torch.float32)
+
+
+@torch.library.custom_op("sapiens2_cost::flash_sdpa_backward", mutates_args=())
+def flash_sdpa_backward(do: Tensor, q: Tensor, k: Tensor, v: Tensor, o: Tensor, lse: Tensor) -> tuple[Tensor, Tensor, Tensor]:
+    scale = q.shape[-1] ** -0.5
+    qf, kf, vf, dof = q.float(), k.float(), v.float(), do.float()
+    p = torch.exp(qf @ kf.transpose(-1, -2) * scale - lse[..., None])
+    dp = dof @ vf.transpose(-1, -2)
+    ds = p * (dp - (dof * o.float()).sum(-1, keepdim=True)) * scale
+    return (ds @ kf).to(q.dtype), (ds.transpose(-1, -2) @ qf).to(k.dtype), (p.transpose(-1, -2) @ dof).to(v.dtype)
+
+
+@flash_sdpa_backward.register_fake
+def _(do, q, k, v, o, lse):
+    return torch.empty_like(q), torch.empty_like(k), torch.empty_like(v)
+
+
+def _sdpa_setup(ctx, inputs, output):
+    ctx.save_for_backward(*inputs, *output)
+
+
+def _sdpa_bwd(ctx, do, _):
+    q, k, v, o, lse = ctx.saved_tensors
+    return torch.ops.sapiens2_cost.flash_sdpa_backward(do, q, k, v, o, lse)
+
+
+flash_sdpa.register_autograd(_sdpa_bwd, setup_context=_sdpa_setup)
+
+
+@register_flop_formula(torch.ops.sapiens2_cost.flash_sdpa, get_raw=True)
+def _flash_flop(q, k, v, *args, out_val=None, **kw) -> int:
+    B, H, N, D = q.shape
+    return 4 * B * H * N * k.shape[2] * D
+
+
+@register_flop_formula(torch.ops.sapiens2_cost.flash_sdpa_backward, get_raw=True)
+def _flash_bwd_flop(do, q, k, v, *args, out_val=None, **kw) -> int:
+    B, H, N, D = q.shape
+    return 10 * B * H * N * k.shape[2] * D
+
+
+# ------------------------------------------------------------------------------------ the block
+
+
+class _Norm(nn.Module):
+    def __init__(self, dim: int, gpu_like: bool):
+        super().__init__()
+        self.weight = nn.Parameter(torch.ones(dim))
+        self.gpu_like = gpu_like
+
+    def forward(self, x):
+        if self.gpu_like:
+            return torch.ops.sapiens2_cost.fused_rms_norm(x, self.weight, 1e-6)[0]
+        return F.rms_norm(x, (x.shape[-1],), self.weight, 1e-6)
+
+
+class OfficialStyleBlock(nn.Module):
+    def __init__(self, dim: int, num_heads: int, num_kv_heads: int, ffn_hidden: int, gpu_like: bool = True,
+                 tokenizer_layer: bool = False):
+        super().__init__()
+        self.h, self.hkv, self.d = num_heads, num_kv_heads, dim // num_heads
+        self.gpu_like = gpu_like
+        self.tokenizer_layer = tokenizer_layer  # the tokenizer's layers: no QK-norm, RoPE or LayerScale
+        self.ln1, self.ln2 = _Norm(dim, gpu_like), _Norm(dim, gpu_like)
+        self.wq = nn.Linear(dim, dim)
+        self.wk = nn.Linear(dim, num_kv_heads * self.d)
+        self.wv = nn.Linear(dim, num_kv_heads * self.d)
+        self.q_norm, self.k_norm = _Norm(self.d, gpu_like), _Norm(self.d, gpu_like)
+        self.proj = nn.Linear(dim, dim)
+        self.gamma = nn.Parameter(torch.full((dim,), 1e-4))
+        self.w12 = nn.Linear(dim, 2 * ffn_hidden)
+        self.w3 = nn.Linear(ffn_hidden, dim)
+
+    @staticmethod
+    def _rotate_half(x):
+        x1, x2 = x.chunk(2, dim=-1)
+        return torch.cat([-x2, x1], dim=-1)
+
+    def _rope(self, x, sin, cos):
+        p = x.shape[-2] - sin.shape[-2]
+        rot = x[:, :, p:] * cos + self._rotate_half(x[:, :, p:]) * sin
+        return torch.cat([x[:, :, :p], rot], dim=-2)
+
+    def attn(self, x, sin, cos):
+        B, N, C = x.shape
+        q = self.wq(x).view(B, N, self.h, self.d).permute(0, 2, 1, 3)
+        k = self.wk(x).view(B, N, self.hkv, self.d).permute(0, 2, 1, 3)
+        v = self.wv(x).view(B, N, self.hkv, self.d).permute(0, 2, 1, 3)
+        if not self.tokenizer_layer:
+            q, k = self.q_norm(q), self.k_norm(k)
+        if self.hkv != self.h:
+            k = k.repeat_interleave(self.h // self.hkv, dim=1)
+            v = v.repeat_interleave(self.h // self.hkv, dim=1)
+        if sin is not None:
+            q, k = self._rope(q, sin, cos), self._rope(k, sin, cos)
+        if self.gpu_like:
+            o = torch.ops.sapiens2_cost.flash_sdpa(q, k, v)[0]
+        else:
+            o = F.scaled_dot_product_attention(q, k, v)
+        o = o.permute(0, 2, 1, 3).reshape(B, N, C)
+        return self.proj(o) if self.tokenizer_layer else self.proj(o) * self.gamma
+
+    def forward(self, x, sin=None, cos=None):
+        x = x + self.attn(self.ln1(x), sin, cos)
+        a, b = self.w12(self.ln2(x)).chunk(2, dim=-1)
+        return x + self.w3(F.silu(a) * b)
+
+
+class OfficialStyleTokenizer(nn.Module):
+    """The official window tokenizer: permute the grid into windows (a copy), then per chunk of
+    windows: prepend the CLS, add the local position embedding, run every layer on all 1 + w*w
+    tokens, keep the CLS row; in training each chunk is checkpointed (recomputed in backward)."""
+
+    def __init__(self, dim: int, num_heads: int, num_layers: int, window: int = 4, chunk: int = 1024,
+                 gpu_like: bool = True):
+        super().__init__()
+        self.w, self.chunk = window, chunk
+        self.local_pos_embed = nn.Parameter(torch.zeros(1, 1 + window * window, dim))
+        self.w_cls = nn.Parameter(torch.zeros(1, 1, dim))
+        self.blocks = nn.ModuleList(OfficialStyleBlock(dim, num_heads, num_heads, 4 * dim, gpu_like, True)
+                                    for _ in range(num_layers))
+
+    def _run(self, t):
+        for blk in self.blocks:
+            t = blk(t)
+        return t
+
+    def forward(self, x, hw):
+        from torch.utils.checkpoint import checkpoint
+
+        B, N, C = x.shape
+        H, W = hw
+        w = self.w
+        x = x.view(B, H // w, w, W // w, w, C).permute(0, 1, 3, 2, 4, 5).contiguous().view(-1, w * w, C)
+        out = x.new_empty(x.shape[0], C)
+        for i in range(0, x.shape[0], self.chunk):
+            c = x[i: i + self.chunk]
+            c = torch.cat([self.w_cls.expand(c.shape[0], -1, -1), c], dim=1) + self.local_pos_embed
+            c = checkpoint(self._run, c, use_reentrant=False) if self.training else self._run(c)
+            out[i: i + c.shape[0]] = c[:, 0]
+        return out.view(B, -1, C)
