@@ -10,7 +10,8 @@ Conventions:
 * ``flops_train_step`` — forward + backward, op by op: every Linear's backward computes the input
   and the weight gradient (2x its forward) except the patch conv, whose input (the image) needs no
   gradient; attention backward is 2.5x its forward (recomputed scores + four gradient matmuls, as
-  PyTorch counts SDPA).
+  PyTorch counts SDPA). These are model FLOPs (MFU's numerator); ``hw_flops_train_step`` adds the
+  4K tokenizer's forward, recomputed in backward (activation checkpointing).
 
 ``schedule="ours"`` counts what this library computes: in the 4K tokenizer's last layer only the
 CLS row's query, output projection and FFN are computed. ``schedule="official"`` counts the
@@ -43,7 +44,8 @@ class FlopReport:
     macs_linear_conv: int
     flops_attention: int
     flops_forward: int
-    flops_train_step: int
+    flops_train_step: int  # model FLOPs (MFU's numerator)
+    hw_flops_train_step: int  # executed FLOPs: the 4K tokenizer is recomputed in backward
     macs_tokenizer: int  # part of macs_linear_conv spent in the tokenizer
     flops_attention_tokenizer: int
 
@@ -120,10 +122,12 @@ def count_flops(
     fwd = 2 * macs + attn
     # backward: 2x forward for every Linear (input + weight gradients), weight gradient only for the conv
     train = fwd + batch * (4 * linear_macs + 2 * patch_macs) + attn * 5 // 2
+    recompute = batch * (2 * tok_macs + tok_attn)  # the tokenizer's forward, again in backward
     return FlopReport(
         arch=cfg.name, use_tokenizer=use_tokenizer, img_size=(H, W), batch=batch, mask_ratio=mask_ratio,
         schedule=schedule, params=count_params(cfg, use_tokenizer, patch_size, in_channels), trunk_tokens=T,
         macs_linear_conv=macs, flops_attention=attn, flops_forward=fwd, flops_train_step=train,
+        hw_flops_train_step=train + recompute,
         macs_tokenizer=batch * tok_macs, flops_attention_tokenizer=batch * tok_attn,
     )
 
