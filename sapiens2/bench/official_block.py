@@ -44,6 +44,7 @@ def _(dy, x, w, rstd):
 
 
 def _rms_setup(ctx, inputs, output):
+    ctx.set_materialize_grads(False)  # unused outputs (rstd, lse) get no zero-filled gradient kernel
     ctx.save_for_backward(inputs[0], inputs[1], output[1])
 
 
@@ -83,6 +84,7 @@ def _(do, q, k, v, o, lse):
 
 
 def _sdpa_setup(ctx, inputs, output):
+    ctx.set_materialize_grads(False)  # unused outputs (rstd, lse) get no zero-filled gradient kernel
     ctx.save_for_backward(*inputs, *output)
 
 

@@ -161,6 +161,7 @@ def _(do, q, k, v, o, lse, q_norm_weight, k_norm_weight, sin, cos, num_prefix_to
 
 
 def _setup(ctx, inputs, output):
+    ctx.set_materialize_grads(False)  # unused outputs (rstd, lse) get no zero-filled gradient kernel
     q, k, v, qw, kw, sin, cos, p, seq_lens, scale, eps = inputs
     ctx.p, ctx.scale, ctx.eps = p, scale, eps
     ctx.has_norm = qw is not None
@@ -169,6 +170,7 @@ def _setup(ctx, inputs, output):
 
 def _autograd(ctx, do, _dlse):
     q, k, v, qw, kw, sin, cos, seq_lens, o, lse = ctx.saved_tensors
+    do = torch.zeros_like(o) if do is None else do
     dq, dk, dv, dqw, dkw = torch.ops.sapiens2.attention_backward(
         do.contiguous(), q, k, v, o, lse, qw, kw, sin, cos, ctx.p, seq_lens, ctx.scale, ctx.eps
     )

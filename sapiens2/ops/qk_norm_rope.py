@@ -131,6 +131,7 @@ def _(dq, dk, q, k, q_weight, k_weight, sin, cos, q_rstd, k_rstd, num_prefix_tok
 
 
 def _setup(ctx, inputs, output):
+    ctx.set_materialize_grads(False)  # unused outputs (rstd, lse) get no zero-filled gradient kernel
     q, k, qw, kw, sin, cos, p, _ = inputs
     ctx.p = p
     ctx.save_for_backward(q, k, qw, kw, sin, cos, output[2], output[3])

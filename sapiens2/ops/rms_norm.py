@@ -87,6 +87,7 @@ def _(dy, x, weight, rstd):
 
 
 def _rms_norm_setup(ctx, inputs, output):
+    ctx.set_materialize_grads(False)  # unused outputs (rstd, lse) get no zero-filled gradient kernel
     x, weight, _ = inputs
     ctx.save_for_backward(x, weight, output[1])
 
@@ -152,6 +153,7 @@ def _(dy, dh, x, h, x_scale, weight, rstd):
 
 
 def _add_rms_norm_setup(ctx, inputs, output):
+    ctx.set_materialize_grads(False)  # unused outputs (rstd, lse) get no zero-filled gradient kernel
     x, residual, x_scale, weight, _ = inputs
     _, h, rstd = output
     ctx.has_scale = x_scale is not None

@@ -146,6 +146,7 @@ def _(do, dprefix_o, q, k, v, prefix_q, prefix_k, prefix_v, token_mask, o, prefi
 
 
 def _wa_setup(ctx, inputs, output):
+    ctx.set_materialize_grads(False)  # unused outputs (rstd, lse) get no zero-filled gradient kernel
     q, k, v, pq, pk, pv, tm, gh, gw, w, layout, scale = inputs
     ctx.meta = (gh, gw, w, layout, scale)
     ctx.has_prefix = pq is not None
@@ -154,6 +155,7 @@ def _wa_setup(ctx, inputs, output):
 
 def _wa_autograd(ctx, do, dpo, _dlse):
     q, k, v, pq, pk, pv, tm, o, po, lse = ctx.saved_tensors
+    do = torch.zeros_like(o) if do is None else do  # e.g. only the prefix output was used
     dq, dk, dv, dpq, dpk, dpv = torch.ops.sapiens2.window_attention_backward(
         do, dpo if ctx.has_prefix else None, q, k, v, pq, pk, pv, tm, o, po, lse, *ctx.meta
     )
@@ -219,6 +221,7 @@ def _(do, cls_q, cls_k, cls_v, k, v, o, lse, grid_h, grid_w, window, layout, sca
 
 
 def _cp_setup(ctx, inputs, output):
+    ctx.set_materialize_grads(False)  # unused outputs (rstd, lse) get no zero-filled gradient kernel
     cq, ck, cv, k, v, gh, gw, w, layout, scale = inputs
     ctx.meta = (gh, gw, w, layout, scale)
     ctx.save_for_backward(cq, ck, cv, k, v, output[0], output[1])
@@ -226,6 +229,7 @@ def _cp_setup(ctx, inputs, output):
 
 def _cp_autograd(ctx, do, _dlse):
     cq, ck, cv, k, v, o, lse = ctx.saved_tensors
+    do = torch.zeros_like(o) if do is None else do
     grads = torch.ops.sapiens2.cls_pool_backward(do, cq, ck, cv, k, v, o, lse, *ctx.meta)
     return (*grads, None, None, None, None, None)
 
