@@ -1,4 +1,5 @@
-"""Helpers shared by the Triton kernels: interpreter detection and dtype-faithful rounding.
+"""Helpers shared by the Triton kernels: interpreter detection, block-size / warp choice, dtype maps
+and dtype-faithful rounding.
 
 Under ``TRITON_INTERPRET=1`` (CPU tensors) bf16 arithmetic is not emulated and fp32 -> bf16
 conversion truncates, so the kernels load every operand as fp32 (exact), compute in fp32, and
@@ -16,6 +17,27 @@ import triton.language as tl
 
 INTERPRET = os.environ.get("TRITON_INTERPRET") == "1"
 
+FLOAT_DTYPES = (torch.float32, torch.float16, torch.bfloat16)
+#: torch dtype -> Triton language dtype
+TL_DTYPE = {torch.float32: tl.float32, torch.float16: tl.float16, torch.bfloat16: tl.bfloat16}
+#: torch dtype -> pointer type string of an ``ASTSource`` signature (the compile gate)
+PTR_SIG = {torch.float32: "*fp32", torch.float16: "*fp16", torch.bfloat16: "*bf16", torch.int32: "*i32",
+           torch.int64: "*i64", torch.bool: "*i1"}
+#: short names for config labels
+SHORT = {torch.float32: "fp32", torch.float16: "fp16", torch.bfloat16: "bf16"}
+
+
+def row_block(C: int) -> int:
+    """One power-of-two block covering a row of ``C`` elements (masked past ``C``)."""
+    return triton.next_power_of_2(max(int(C), 1))
+
+
+def reduction_programs(rows: int, device: torch.device, per_sm: int = 4) -> int:
+    """Programs for a kernel that reduces over rows with per-program partial sums: a few per SM
+    (8 "SMs" on CPU / the interpreter), never more than there are rows."""
+    sms = torch.cuda.get_device_properties(device).multi_processor_count if device.type == "cuda" else 8
+    return max(1, min(int(rows), per_sm * sms))
+
 
 def num_warps_for(block: int) -> int:
     """Warps for a row-wise kernel over ``block`` elements (Liger-Kernel's rule of thumb)."""
@@ -30,7 +52,7 @@ def num_warps_for(block: int) -> int:
 
 def check_dtype(*tensors: torch.Tensor) -> None:
     for t in tensors:
-        if t is not None and t.dtype not in (torch.float32, torch.float16, torch.bfloat16):
+        if t is not None and t.dtype not in FLOAT_DTYPES:
             raise NotImplementedError(f"Triton kernels take float32/float16/bfloat16, got {t.dtype}")
 
 

@@ -50,6 +50,8 @@ def test_unknown_command_fails():
 def test_bench_quick_writes_report(tmp_path, capsys):
     out = tmp_path / "report"
     assert main(["bench", "--quick", "--out", str(out)]) == 0
-    for name in ("report.md", "flops.json", "scaling.json", "scaling.png"):
-        assert (out / name).exists() and (out / name).stat().st_size > 0
-    assert "Scaling" in (out / "report.md").read_text()
+    for name in ("report.md", "flops.json", "scaling.json", "scaling.png", "cost_blocks.json", "cost_blocks.png",
+                 "cost_tokenizer.json", "compile_sm90a.json", "attention_roofline.json"):
+        assert (out / name).exists() and (out / name).stat().st_size > 0, name
+    text = (out / "report.md").read_text()
+    assert "Scaling" in text and "Cost model" in text and "sm_90a" in text
