@@ -18,12 +18,13 @@ A backward program walks a contiguous block of rows and keeps fp32 partial sums 
 ``ds``) in registers, written once per program into a ``(programs, C)`` buffer and summed after
 (per-program partial sums as in Liger-Kernel: no atomics on one row).
 
-Block choice: rows up to ``ONE_BLOCK_MAX`` (4096) elements are held in registers as one
-power-of-two block (masked past C), one pass over memory. Wider rows (the 5B model's FFN width
-9728) would need 16K-lane blocks whose backward spills registers on sm_90a, so they use the
-chunked kernels (``_fwd_wide_kernel`` / ``_bwd_wide_kernel``): ``CHUNK``-wide column tiles, the
-row re-read from L1/L2 for its second pass, and each backward program's partial ``dw`` / ``ds``
-row updated in place in its own slot of the partial buffer (still no atomics).
+Block choice (no register spills on sm_90a for any width): the forward holds rows up to 4096
+elements in registers as one power-of-two block (masked past C), the backward up to 2048. Wider
+rows (the 2432 embedding width in backward, the 5B FFN width 9728 in both) use the chunked
+kernels (``_fwd_wide_kernel`` / ``_bwd_wide_kernel``): column tiles, two passes over the row (the
+second one re-reads it from L1/L2, the forward recomputes h rather than re-reading it), and each
+backward program's partial ``dw`` / ``ds`` row updated in place in its own slot of the
+partial buffer (still no atomics).
 """
 
 from __future__ import annotations
@@ -34,14 +35,15 @@ import triton.language as tl
 
 from ._common import INTERPRET, SHORT, check_dtype, num_warps_for, reduction_programs, round_to, row_block, store_val
 
-ONE_BLOCK_MAX = 4096  # widest row kept in registers as one block
-CHUNK = 2048  # column tile of the wide (chunked) kernels
-CHUNK_WARPS = 8
+ONE_BLOCK_MAX = 4096  # widest row the forward keeps in registers as one block
+ONE_BLOCK_MAX_BWD = 2048  # the backward keeps more live per element (w, s, two fp32 partial rows)
+CHUNK, CHUNK_WARPS = 2048, 8  # column tile of the chunked forward
+CHUNK_BWD, CHUNK_BWD_WARPS = 1024, 4  # column tile of the chunked backward
 MAX_WIDTH = 1 << 20
 
 
 def fwd_config(C: int) -> tuple[bool, int, int]:
-    """(wide, BLOCK or CHUNK, num_warps) the forward launchers pick for width C."""
+    """(chunked, BLOCK or CHUNK, num_warps) the forward launchers pick for width C."""
     if C > MAX_WIDTH:
         raise ValueError(f"RMSNorm width {C} exceeds the kernel's limit of {MAX_WIDTH}")
     B = row_block(C)
@@ -51,12 +53,15 @@ def fwd_config(C: int) -> tuple[bool, int, int]:
 
 
 def bwd_config(C: int) -> tuple[bool, int, int]:
-    """(wide, BLOCK or CHUNK, num_warps) the backward launchers pick: ~8 elements per thread per
-    live row vector (the backward keeps w, s and two fp32 partial rows live besides the row)."""
-    wide, B, _ = fwd_config(C)
-    if wide:
-        return True, CHUNK, CHUNK_WARPS
-    return False, B, min(16, max(4, B // 256))
+    """(chunked, BLOCK or CHUNK, num_warps) the backward launchers pick for width C. One block up to
+    2048 lanes (8 elements per thread); wider rows (2432, 9728) in 1024-column tiles: a 4096-lane
+    block spills on sm_90a with LayerScale at 16 warps (128-register cap) and at 32 (64)."""
+    if C > MAX_WIDTH:
+        raise ValueError(f"RMSNorm width {C} exceeds the kernel's limit of {MAX_WIDTH}")
+    B = row_block(C)
+    if B > ONE_BLOCK_MAX_BWD:
+        return True, CHUNK_BWD, CHUNK_BWD_WARPS
+    return False, B, num_warps_for(B)
 
 
 @triton.jit

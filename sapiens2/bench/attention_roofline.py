@@ -16,9 +16,17 @@ from .device import H100_SXM, roofline_seconds
 BF16 = 2
 
 
+def ours_tile_dim(D: int) -> int:
+    """Head dim our kernel's tensor-core tiles cover: a power-of-two tile plus a 16-wide remainder
+    tile (76 -> 64 + 16), so only the tiles are padded, never memory."""
+    if D & (D - 1) == 0:
+        return D
+    return (1 << (D.bit_length() - 1)) + ((D - (1 << (D.bit_length() - 1)) + 15) // 16) * 16
+
+
 def padded_dim(D: int, library: str) -> int:
     if library == "ours":
-        return D
+        return ours_tile_dim(D)
     if library in ("flash-attn", "flash-attn-3"):
         return next(d for d in (32, 64, 96, 128, 160, 192, 224, 256) if d >= D)
     if library == "flex-attention":
@@ -33,7 +41,11 @@ def attention_cost(B: int, N: int, H: int, Hkv: int, D: int, library: str = "our
     fwd_bytes = q + 2 * kv + q + lse  # read q, k, v; write o, lse
     bwd_bytes = (q + 2 * kv + q + q + lse) + (q + 2 * kv)  # read q, k, v, o, dO, lse; write dq, dk, dv
     pad_bytes = 0
-    if Dp != D:  # copy q, k, v into padded buffers and slice the output back (and the grads in backward)
+    if library == "ours":  # tiles are padded in registers only: memory holds the true head dim
+        q, kv = B * N * H * D * BF16, B * N * Hkv * D * BF16
+        fwd_bytes = q + 2 * kv + q + lse
+        bwd_bytes = (q + 2 * kv + q + q + lse) + (q + 2 * kv)
+    elif Dp != D:  # copy q, k, v into padded buffers and slice the output back (and the grads in backward)
         true_q, true_kv = B * N * H * D * BF16, B * N * Hkv * D * BF16
         pad_fwd = (true_q + 2 * true_kv) + (q + 2 * kv) + q + true_q
         pad_bytes = pad_fwd * 2
