@@ -84,3 +84,19 @@ def store_val(x, DTYPE: tl.constexpr, INTERPRET: tl.constexpr):
     else:
         y = x.to(DTYPE)
     return y
+
+
+@triton.jit
+def as_operand(x, DTYPE: tl.constexpr, INTERPRET: tl.constexpr):
+    """An fp32 tile as a tensor-core operand (or a store value) of ``DTYPE``; under the interpreter
+    the value stays fp32, rounded as the conversion would round it."""
+    if INTERPRET:
+        if DTYPE == tl.bfloat16:
+            y = rne_bf16(x)
+        elif DTYPE == tl.float16:
+            y = x.to(tl.float16).to(tl.float32)
+        else:
+            y = x
+    else:
+        y = x.to(DTYPE)
+    return y

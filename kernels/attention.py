@@ -75,6 +75,9 @@ import torch
 import triton
 import triton.language as tl
 
+from ._aot import signature
+from ._common import as_operand, rne_bf16  # noqa: F401
+
 _INTERPRET = os.environ.get("TRITON_INTERPRET") == "1"
 
 LOG2E = 1.4426950408889634
@@ -91,29 +94,6 @@ def _ld(ptrs, mask, other, INTERPRET: tl.constexpr):
     if INTERPRET:
         x = x.to(tl.float32)
     return x
-
-
-@triton.jit
-def _rne_bf16(x):
-    """fp32 values rounded (nearest-even) to bf16-representable fp32 values (interpreter only)."""
-    b = x.to(tl.uint32, bitcast=True)
-    b = (b + 0x7FFF + ((b >> 16) & 1)) & 0xFFFF0000
-    return b.to(tl.float32, bitcast=True)
-
-
-@triton.jit
-def _op(x, DTYPE: tl.constexpr, INTERPRET: tl.constexpr):
-    """An fp32 tile as a tensor-core operand (or a store value) of ``DTYPE``."""
-    if INTERPRET:
-        if DTYPE == tl.bfloat16:
-            y = _rne_bf16(x)
-        elif DTYPE == tl.float16:
-            y = x.to(tl.float16).to(tl.float32)
-        else:
-            y = x
-    else:
-        y = x.to(DTYPE)
-    return y
 
 
 @triton.jit
@@ -206,12 +186,12 @@ def _norm_rope_kernel(X, Y, W, SIN, COS, R, N, HEADS, P, SIN_BSTRIDE, eps,
         rstd = tl.zeros([BLOCK_R], dtype=tl.float32)
     y0 = _prologue_cols(X, row_off, tok, rmask, rstd, W, SIN, COS, srow, P, 0, D0, D, HAS_NORM, HAS_ROPE, INTERPRET)
     c0 = tl.arange(0, D0)
-    tl.store(Y + row_off[:, None] + c0[None, :], _op(y0, DTYPE, INTERPRET), mask=rmask[:, None])
+    tl.store(Y + row_off[:, None] + c0[None, :], as_operand(y0, DTYPE, INTERPRET), mask=rmask[:, None])
     if HAS_D1:
         y1 = _prologue_cols(X, row_off, tok, rmask, rstd, W, SIN, COS, srow, P, D0, D1, D, HAS_NORM, HAS_ROPE,
                             INTERPRET)
         c1 = D0 + tl.arange(0, D1)
-        tl.store(Y + row_off[:, None] + c1[None, :], _op(y1, DTYPE, INTERPRET),
+        tl.store(Y + row_off[:, None] + c1[None, :], as_operand(y1, DTYPE, INTERPRET),
                  mask=rmask[:, None] & (c1[None, :] < D))
 
 
@@ -266,9 +246,9 @@ def _norm_rope_bwd_kernel(GR, X, DX, W, DW_PART, SIN, COS, R, N, HEADS, P, SIN_B
         else:
             dx0 = g0
             dx1 = g1
-        tl.store(DX + row_off[:, None] + c0[None, :], _op(dx0, DTYPE, INTERPRET), mask=rmask[:, None])
+        tl.store(DX + row_off[:, None] + c0[None, :], as_operand(dx0, DTYPE, INTERPRET), mask=rmask[:, None])
         if HAS_D1:
-            tl.store(DX + row_off[:, None] + c1[None, :], _op(dx1, DTYPE, INTERPRET),
+            tl.store(DX + row_off[:, None] + c1[None, :], as_operand(dx1, DTYPE, INTERPRET),
                      mask=rmask[:, None] & (c1[None, :] < D))
     if HAS_NORM:
         tl.store(DW_PART + pid * D + c0, dw0)
@@ -304,7 +284,7 @@ def _fwd_inner(acc0, acc1, l_i, m_i, q0, q1, K, V, kv_base, kv_stride, L, lo, hi
         p = tl.math.exp2(s - m_new[:, None])
         alpha = tl.math.exp2(m_i - m_new)
         l_i = l_i * alpha + tl.sum(p, axis=1)
-        pp = _op(p, DTYPE, INTERPRET)
+        pp = as_operand(p, DTYPE, INTERPRET)
         v0 = _ld(V + row[:, None] + c0[None, :], nmask[:, None], 0.0, INTERPRET)
         acc0 = tl.dot(pp, v0, acc0 * alpha[:, None], input_precision=PREC)
         if HAS_D1:
@@ -341,10 +321,10 @@ def _attn_fwd_kernel(Q, K, V, O, LSE, QW, SIN, COS, SEQ_LENS,
         rstd = _rstd(Q, q_row, rmask, eps, D, D0, D1, HAS_D1, INTERPRET)
     else:
         rstd = tl.zeros([BLOCK_M], dtype=tl.float32)
-    q0 = _op(_prologue_cols(Q, q_row, offs_m, rmask, rstd, QW, SIN, COS, srow, P, 0, D0, D,
+    q0 = as_operand(_prologue_cols(Q, q_row, offs_m, rmask, rstd, QW, SIN, COS, srow, P, 0, D0, D,
                             HAS_NORM, HAS_ROPE, INTERPRET), DTYPE, INTERPRET)
     if HAS_D1:
-        q1 = _op(_prologue_cols(Q, q_row, offs_m, rmask, rstd, QW, SIN, COS, srow, P, D0, D1, D,
+        q1 = as_operand(_prologue_cols(Q, q_row, offs_m, rmask, rstd, QW, SIN, COS, srow, P, D0, D1, D,
                                 HAS_NORM, HAS_ROPE, INTERPRET), DTYPE, INTERPRET)
     else:
         q1 = tl.zeros([BLOCK_M, D1], dtype=q0.dtype)
@@ -364,11 +344,11 @@ def _attn_fwd_kernel(Q, K, V, O, LSE, QW, SIN, COS, SEQ_LENS,
     inv_l = 1.0 / l_i
     o0 = tl.where(valid[:, None], acc0 * inv_l[:, None], 0.0)
     c0 = tl.arange(0, D0)
-    tl.store(O + q_row[:, None] + c0[None, :], _op(o0, DTYPE, INTERPRET), mask=rmask[:, None])
+    tl.store(O + q_row[:, None] + c0[None, :], as_operand(o0, DTYPE, INTERPRET), mask=rmask[:, None])
     if HAS_D1:
         c1 = D0 + tl.arange(0, D1)
         o1 = tl.where(valid[:, None], acc1 * inv_l[:, None], 0.0)
-        tl.store(O + q_row[:, None] + c1[None, :], _op(o1, DTYPE, INTERPRET),
+        tl.store(O + q_row[:, None] + c1[None, :], as_operand(o1, DTYPE, INTERPRET),
                  mask=rmask[:, None] & (c1[None, :] < D))
     lse = tl.where(valid, (m_i + tl.math.log2(l_i)) * _LN2, 0.0)
     tl.store(LSE + (b * H + h).to(tl.int64) * N + offs_m, lse, mask=rmask)
@@ -468,13 +448,13 @@ def _bwd_dkdv_kernel(Q, K, V, DO, LSE2, DELTA, DK, DV, SEQ_LENS, N, H, G, qk_sca
                 do1 = _ld(DO + q_row[:, None] + c1[None, :], m1m, 0.0, INTERPRET)
                 sT = tl.dot(k1, tl.trans(q1), sT, input_precision=PREC)
             pT = tl.math.exp2(sT * qk_scale - lse2[None, :])
-            ppT = _op(pT, DTYPE, INTERPRET)
+            ppT = as_operand(pT, DTYPE, INTERPRET)
             dv0 = tl.dot(ppT, do0, dv0, input_precision=PREC)
             dpT = tl.dot(v0, tl.trans(do0), input_precision=PREC)
             if HAS_D1:
                 dv1 = tl.dot(ppT, do1, dv1, input_precision=PREC)
                 dpT = tl.dot(v1, tl.trans(do1), dpT, input_precision=PREC)
-            dsT = _op(pT * (dpT - dl[None, :]), DTYPE, INTERPRET)
+            dsT = as_operand(pT * (dpT - dl[None, :]), DTYPE, INTERPRET)
             dk0 = tl.dot(dsT, q0, dk0, input_precision=PREC)
             if HAS_D1:
                 dk1 = tl.dot(dsT, q1, dk1, input_precision=PREC)
@@ -483,15 +463,15 @@ def _bwd_dkdv_kernel(Q, K, V, DO, LSE2, DELTA, DK, DV, SEQ_LENS, N, H, G, qk_sca
     OUT_V: tl.constexpr = DV.dtype.element_ty
     rm = (offs_n < N)[:, None]
     tl.store(DK + kv_row[:, None] + c0[None, :],
-             _op(tl.where(nmask[:, None], dk0 * scale, 0.0), OUT_K, INTERPRET), mask=rm)
+             as_operand(tl.where(nmask[:, None], dk0 * scale, 0.0), OUT_K, INTERPRET), mask=rm)
     tl.store(DV + kv_row[:, None] + c0[None, :],
-             _op(tl.where(nmask[:, None], dv0, 0.0), OUT_V, INTERPRET), mask=rm)
+             as_operand(tl.where(nmask[:, None], dv0, 0.0), OUT_V, INTERPRET), mask=rm)
     if HAS_D1:
         m1 = rm & (c1[None, :] < D)
         tl.store(DK + kv_row[:, None] + c1[None, :],
-                 _op(tl.where(nmask[:, None], dk1 * scale, 0.0), OUT_K, INTERPRET), mask=m1)
+                 as_operand(tl.where(nmask[:, None], dk1 * scale, 0.0), OUT_K, INTERPRET), mask=m1)
         tl.store(DV + kv_row[:, None] + c1[None, :],
-                 _op(tl.where(nmask[:, None], dv1, 0.0), OUT_V, INTERPRET), mask=m1)
+                 as_operand(tl.where(nmask[:, None], dv1, 0.0), OUT_V, INTERPRET), mask=m1)
 
 
 @triton.jit
@@ -518,7 +498,7 @@ def _dq_inner(dq0, dq1, q0, q1, do0, do1, lse2, dl, K, V, kv_base, kv_stride, L,
         p = tl.math.exp2(s * qk_scale - lse2[:, None])
         if MASK:
             p = tl.where(nmask[None, :], p, 0.0)
-        ds = _op(p * (dp - dl[:, None]), DTYPE, INTERPRET)
+        ds = as_operand(p * (dp - dl[:, None]), DTYPE, INTERPRET)
         dq0 = tl.dot(ds, k0, dq0, input_precision=PREC)
         if HAS_D1:
             dq1 = tl.dot(ds, k1, dq1, input_precision=PREC)
@@ -570,9 +550,9 @@ def _bwd_dq_kernel(Q, K, V, DO, LSE2, DELTA, DQ, SEQ_LENS, N, H, G, qk_scale, sc
     dq0, dq1 = _dq_inner(dq0, dq1, q0, q1, do0, do1, lse2, dl, K, V, kv_base, kv_stride, L, n_full, hi,
                          qk_scale, D, D0, D1, HAS_D1, BLOCK_N, True, PREC, DTYPE, INTERPRET)
     OUT: tl.constexpr = DQ.dtype.element_ty
-    tl.store(DQ + q_row[:, None] + c0[None, :], _op(dq0 * scale, OUT, INTERPRET), mask=rmask[:, None])
+    tl.store(DQ + q_row[:, None] + c0[None, :], as_operand(dq0 * scale, OUT, INTERPRET), mask=rmask[:, None])
     if HAS_D1:
-        tl.store(DQ + q_row[:, None] + c1[None, :], _op(dq1 * scale, OUT, INTERPRET), mask=m1)
+        tl.store(DQ + q_row[:, None] + c1[None, :], as_operand(dq1 * scale, OUT, INTERPRET), mask=m1)
 
 
 # ----------------------------------------------------------------------------------------------
@@ -770,16 +750,6 @@ def attention_bwd(do, q, k, v, o, lse, q_norm_weight, k_norm_weight, sin, cos, n
 # shipped configurations (AOT compile gate: sm_90a, no spills, shared memory <= 227 KiB)
 
 
-def _signature(fn, types: dict, constexprs: dict) -> dict:
-    sig = {}
-    for name in fn.arg_names:
-        if name in constexprs:
-            sig[name] = "constexpr"
-        else:
-            sig[name] = types[name]
-    return sig
-
-
 def _shipped_configs() -> list:
     out = []
     flags = ((False, False), (True, False), (False, True), (True, True))
@@ -793,7 +763,7 @@ def _shipped_configs() -> list:
 
             def add(name, fn, types, cx, cfg):
                 cx = {**hd, **cx}
-                sig = _signature(fn, {**scal, **types}, cx)
+                sig = signature(fn, {**scal, **types}, cx)
                 # what the runtime JIT specialises on: torch allocations are 16-byte aligned
                 attrs = {(i,): [["tt.divisibility", 16]] for i, a in enumerate(fn.arg_names) if sig[a].startswith("*")}
                 out.append({"name": name, "fn": fn, "signature": sig, "constexprs": cx, "attrs": attrs,

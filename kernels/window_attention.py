@@ -57,6 +57,9 @@ import torch
 import triton
 import triton.language as tl
 
+from ._aot import signature
+from ._common import as_operand, rne_bf16  # noqa: F401
+
 _INTERPRET = os.environ.get("TRITON_INTERPRET") == "1"
 
 _TL_DTYPES = {torch.float32: "fp32", torch.float16: "fp16", torch.bfloat16: "bf16"}
@@ -75,32 +78,9 @@ def _ld(ptrs, mask, INTERPRET: tl.constexpr):
 
 
 @triton.jit
-def _rne_bf16(x):
-    """fp32 values rounded (nearest-even) to bf16-representable fp32 values (interpreter only)."""
-    b = x.to(tl.uint32, bitcast=True)
-    b = (b + 0x7FFF + ((b >> 16) & 1)) & 0xFFFF0000
-    return b.to(tl.float32, bitcast=True)
-
-
-@triton.jit
-def _op(x, DTYPE: tl.constexpr, INTERPRET: tl.constexpr):
-    """An fp32 tile as a tensor-core operand (or a store value) of ``DTYPE``."""
-    if INTERPRET:
-        if DTYPE == tl.bfloat16:
-            y = _rne_bf16(x)
-        elif DTYPE == tl.float16:
-            y = x.to(tl.float16).to(tl.float32)
-        else:
-            y = x
-    else:
-        y = x.to(DTYPE)
-    return y
-
-
-@triton.jit
 def _st(ptrs, x, mask, INTERPRET: tl.constexpr):
     DT: tl.constexpr = ptrs.dtype.element_ty
-    tl.store(ptrs, _op(x, DT, INTERPRET).to(DT), mask=mask)
+    tl.store(ptrs, as_operand(x, DT, INTERPRET).to(DT), mask=mask)
 
 
 @triton.jit
@@ -228,7 +208,7 @@ def _wa_fwd_kernel(Q, K, V, PQ, PK, PV, MASK, O, PO, LSE,
     den = tl.where(has_key, den, 1.0)
 
     v = _ld(V + tok_off, tok_mask, INTERPRET)
-    acc = _mm_nn(_op(p, DT, INTERPRET), v, USE_DOT)
+    acc = _mm_nn(as_operand(p, DT, INTERPRET), v, USE_DOT)
     if HAS_PREFIX:
         pv = _ld(PV + pre_row * D + d, dmask, INTERPRET)
         acc += p_tp[:, None] * pv.to(tl.float32)[None, :]
@@ -279,11 +259,11 @@ def _wa_bwd_kernel(DO, DPO, Q, K, V, PQ, PK, PV, MASK, O, PO, LSE,
 
     s = _mm_nt(q, k, USE_DOT) * scale
     p = tl.where(kvalid[None, :] & is_tok[:, None], tl.exp(s - lse[:, None]), 0.0)
-    dv = _mm_tn(_op(p, DT, INTERPRET), do, USE_DOT)
+    dv = _mm_tn(as_operand(p, DT, INTERPRET), do, USE_DOT)
     v = _ld(V + tok_off, tok_mask, INTERPRET)
     dp = _mm_nt(do, v, USE_DOT)
     ds = p * (dp - delta[:, None]) * scale
-    ds_op = _op(ds, DT, INTERPRET)
+    ds_op = as_operand(ds, DT, INTERPRET)
     dq = _mm_nn(ds_op, k, USE_DOT)
     dk = _mm_tn(ds_op, q, USE_DOT)
 
@@ -563,10 +543,6 @@ def cls_pool_bwd(do, cls_q, cls_k, cls_v, k, v, o, lse, grid_h, grid_w, window, 
 # shipped configurations (AOT compile gate, sm_90a)
 
 
-def _signature(fn, types: dict, constexprs: dict) -> dict:
-    return {name: "constexpr" if name in constexprs else types[name] for name in fn.arg_names}
-
-
 def _configs(dtypes=("bf16", "fp16"), head_dims=(64, 76, 80), windows=(4,), layouts=("grid", "windows"),
              prefix_variants=((True, False, True),)) -> list:
     """Compile-gate entries; ``prefix_variants``: (HAS_PREFIX, HAS_MASK, HAS_DPO) of window attention."""
@@ -586,7 +562,7 @@ def _configs(dtypes=("bf16", "fp16"), head_dims=(64, 76, 80), windows=(4,), layo
                         if kind in ("fwd", "bwd"):
                             cx["USE_DOT"] = cfg["USE_DOT"]
                         out.append({"name": f"{name}_{dt}_d{D}_w{window}_{layout}", "fn": fn,
-                                    "signature": _signature(fn, {**scal, **types}, cx), "constexprs": cx,
+                                    "signature": signature(fn, {**scal, **types}, cx), "constexprs": cx,
                                     "num_warps": cfg["num_warps"], "num_stages": cfg["num_stages"]})
 
                     for has_prefix, has_mask, has_dpo in prefix_variants:
