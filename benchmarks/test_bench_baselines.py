@@ -103,3 +103,25 @@ def test_apex_rms_norm(benchmark, arch, C, H, Hkv, D):
     norm = mod.FusedRMSNorm(C, eps=1e-6).to(DEVICE, DTYPE)
     x = _t(1, N, C)
     _bench(benchmark, lambda: norm(x), True, op="rms_norm", baseline="apex", arch=arch)
+
+
+@pytest.mark.parametrize("backward", [False, True], ids=["fwd", "fwd+bwd"])
+def test_flex_window_attention(benchmark, backward):
+    """The tokenizer's windowed attention as FlexAttention runs it: the token grid permuted into
+    window order, each window's CLS prepended, and a block mask keeping attention inside windows."""
+    if not ON_GPU:
+        pytest.skip("FlexAttention is compiled for GPUs; not timed on the CPU")
+    from torch.nn.attention.flex_attention import create_block_mask, flex_attention
+
+    gh, gw, w, H, D = 256, 192, 4, 24, 64
+    nW, S = (gh // w) * (gw // w), 1 + w * w
+    L = nW * S  # windows laid out one after another, CLS first in each
+
+    def same_window(b, h, q_idx, kv_idx):
+        return q_idx // S == kv_idx // S
+
+    mask = create_block_mask(same_window, None, None, L, L, device=DEVICE)
+    flex = torch.compile(flex_attention)
+    q, k, v = _t(1, H, L, D), _t(1, H, L, D), _t(1, H, L, D)
+    _bench(benchmark, lambda: flex(q, k, v, block_mask=mask), backward, op="window_attention", baseline="flex",
+           flops=4 * H * L * S * D)
