@@ -96,3 +96,11 @@ def test_tokenizer_stage():
     assert o["saved_bytes"] <= f["saved_bytes"]  # recomputed in backward, as the official code does
     assert o["bytes"] < 0.65 * f["bytes"] and o["flops"] < f["flops"]
     assert m["flops"] <= 0.30 * o["flops"] and m["bytes"] <= 0.30 * o["bytes"]
+
+
+def test_tokenizer_share_of_the_4k_forward():
+    from sapiens2.bench.cost import forward_stage_share
+
+    sh = forward_stage_share("sapiens2_1b", (4096, 3072))
+    assert 0 < sh["tokenizer_roofline_s"] < sh["forward_roofline_s"]
+    assert 0.3 < sh["tokenizer_share"] < 0.8  # the stage is about half of a 1B-4K forward

@@ -232,3 +232,23 @@ def tokenizer_costs(arch="sapiens2_1b", img_size=(4096, 3072), batch: int = 1, m
         fwd = lambda: (mod(x, (gh, gw), layout=layout),)  # noqa: E731
     label = f"{'official' if official else 'ours'} tokenizer" + (f", {mask_ratio:.0%} masked" if mask_ratio else "")
     return measure(label, fwd, mod.parameters(), batch * nW * C * 2, (x,))
+
+
+def forward_stage_share(arch="sapiens2_1b", img_size=(4096, 3072), batch: int = 1) -> dict:
+    """Predicted H100 roofline time of one inference forward of the 4K model, and the tokenizer's share."""
+    from ..models.backbone import Sapiens2Backbone
+
+    model = Sapiens2Backbone(arch, img_size=img_size, use_tokenizer=True, device="meta", dtype=torch.bfloat16).eval()
+    x = torch.empty(batch, 3, *img_size, device="meta", dtype=torch.bfloat16)
+    whole, tok = CostCounter(), CostCounter()
+    with torch.no_grad():
+        with whole:
+            model(x)
+        patches = torch.empty(batch, (img_size[0] // 16) * (img_size[1] // 16), model.embed_dims, device="meta",
+                              dtype=torch.bfloat16)
+        with tok:
+            model.tokenizer(patches, (img_size[0] // 16, img_size[1] // 16))
+    t_all = sum(o.roofline_s for o in whole.ops)
+    t_tok = sum(o.roofline_s for o in tok.ops)
+    return {"forward_roofline_s": t_all, "tokenizer_roofline_s": t_tok, "tokenizer_share": t_tok / t_all,
+            "forward_flops": sum(o.flops for o in whole.ops), "tokenizer_flops": sum(o.flops for o in tok.ops)}

@@ -5,7 +5,7 @@ from __future__ import annotations
 
 import json
 
-from .cost import block_costs, compare, tokenizer_costs
+from .cost import block_costs, compare, forward_stage_share, tokenizer_costs
 
 ROWS = [("bytes", "bytes moved (fwd+bwd)"), ("bytes_outside_matmul", "  outside matmuls/attention"),
         ("kernels", "kernel launches"), ("flops", "FLOPs"), ("saved_bytes", "bytes kept for backward"),
@@ -71,6 +71,10 @@ def run_cost(args) -> int:
         return 0
     print(f"{args.arch} at {img[0]}x{img[1]}, batch {args.batch}, training step (forward + backward), bf16")
     print(table(pairs))
+    if args.stage == "tokenizer":
+        sh = forward_stage_share(args.arch, img, args.batch)
+        print(f"\ninference forward on an H100 (roofline): whole model {sh['forward_roofline_s'] * 1e3:.2f} ms, "
+              f"tokenizer {sh['tokenizer_roofline_s'] * 1e3:.2f} ms = {sh['tokenizer_share']:.1%} of it")
     if masked:
         m, u = masked.summary(), pairs[0][0].summary()
         print(f"\nat {args.mask_ratio:.0%} masking: FLOPs {m['flops'] / u['flops']:.3f} and bytes "
