@@ -25,7 +25,8 @@ class ModelBenchResult:
     device: str
     dtype: str
     params: int
-    flops_per_image: int  # model FLOPs (forward, or forward + backward)
+    flops_per_image: int  # model FLOPs (forward, or forward + backward): MFU's numerator
+    hw_flops_per_image: int  # executed FLOPs (the 4K tokenizer is recomputed in backward)
     seconds_per_iter: float
     images_per_s: float
     tflops_per_s: float
@@ -79,10 +80,12 @@ def bench_model(arch: str, img_size=(1024, 768), batch: int = 1, train: bool = F
     timing = time_fn(step, warmup=2, repeats=repeats, cuda=device == "cuda")
     rep = count_flops(model.arch, img_size, batch=1, use_tokenizer=use_tokenizer)
     flops = rep.flops_train_step if train else rep.flops_forward
+    hw_flops = rep.hw_flops_train_step if train else rep.flops_forward
     peak = current_device_peak() if device == "cuda" else None
     return ModelBenchResult(
         arch=model.arch.name, img_size=tuple(img_size), batch=batch, train=train, use_tokenizer=use_tokenizer,
         device=timing.device, dtype=str(dtype).replace("torch.", ""), params=rep.params, flops_per_image=flops,
+        hw_flops_per_image=hw_flops,
         seconds_per_iter=timing.median_s, images_per_s=batch / timing.median_s,
         tflops_per_s=flops * batch / timing.median_s / 1e12,
         mfu=mfu(flops * batch, timing.median_s, peak) if peak else None,
