@@ -2,7 +2,13 @@
 without a GPU: compiled or the error, registers per thread and spill bytes (``ptxas -v``), shared
 memory, and whether the code uses wgmma / TMA. Must run in a process without TRITON_INTERPRET.
 
-    python -m sapiens2.kernels.compile_gate [--target sm_90a] [--all] [--json]
+    python -m sapiens2.kernels.compile_gate [--target sm_90a] [--all] [--module NAME ...] [--json]
+
+``sm_90a``: Triton's CUDA backend compiles capability 90 as ``sm_90a`` (the arch-specific
+features wgmma / setmaxnreg / TMA multicast need), so the target is ``GPUTarget("cuda", 90, 32)``
+and ptxas is run with ``--gpu-name=sm_90a``. Registers and spill bytes come from ``ptxas -v`` on
+the PTX (the compiled kernel's metadata only carries them after a load onto a device), shared
+memory from the metadata, wgmma / TMA from the PTX text.
 """
 
 from __future__ import annotations
@@ -45,7 +51,7 @@ def compile_config(c: dict, target: str = "sm_90a") -> dict:
     from triton.backends.compiler import GPUTarget
     from triton.compiler import ASTSource
 
-    row = {"kernel": c["name"], "language": "triton", "module": c.get("module"),
+    row = {"kernel": c["name"], "language": "triton", "module": c.get("module"), "dtype": c.get("dtype"),
            "config": {"num_warps": c["num_warps"], "num_stages": c["num_stages"],
                       **{k: v for k, v in c["constexprs"].items() if k != "INTERPRET"}},
            "target": target, "compiled": False, "error": None, "registers": None, "spill_bytes": None,
@@ -65,24 +71,30 @@ def compile_config(c: dict, target: str = "sm_90a") -> dict:
     return row
 
 
-def _compile_index(args):
-    i, target, real = args
+def _selected(real: bool, modules) -> list[dict]:
     from .registry import shipped_configs
 
-    return compile_config(shipped_configs(real)[i], target)
+    return [c for c in shipped_configs(real) if not modules or c["module"] in modules]
 
 
-def run_gate(target: str = "sm_90a", only_real_shapes: bool = True, jobs: int | None = None) -> list[dict]:
+def _compile_index(args):
+    i, target, real, modules = args
+    return compile_config(_selected(real, modules)[i], target)
+
+
+def run_gate(target: str = "sm_90a", only_real_shapes: bool = True, jobs: int | None = None,
+             modules: tuple[str, ...] | None = None) -> list[dict]:
+    """Compile every shipped config (``only_real_shapes``: the bf16 real-shape ones; ``modules``:
+    only those kernel modules) in a process pool; one row per config (see ``compile_config``)."""
     if os.environ.get("TRITON_INTERPRET") == "1":
         raise RuntimeError("the compile gate needs a process without TRITON_INTERPRET=1")
     if target not in _TARGETS:
         raise ValueError(f"target must be one of {sorted(_TARGETS)}, got {target!r}")
-    from .registry import shipped_configs
-
-    n = len(shipped_configs(only_real_shapes))
+    modules = tuple(modules) if modules else None
+    n = len(_selected(only_real_shapes, modules))
     jobs = jobs or max(1, min(4, os.cpu_count() or 1))
     with ProcessPoolExecutor(jobs) as ex:
-        return list(ex.map(_compile_index, [(i, target, only_real_shapes) for i in range(n)], chunksize=4))
+        return list(ex.map(_compile_index, [(i, target, only_real_shapes, modules) for i in range(n)], chunksize=4))
 
 
 def source_hash() -> str:
@@ -134,9 +146,11 @@ def main(argv=None) -> int:
     p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     p.add_argument("--target", default="sm_90a")
     p.add_argument("--all", action="store_true", help="every config (fp16 too), not only the real-shape bf16 ones")
+    p.add_argument("--module", action="append", default=None,
+                   help="only this kernel module (rms_norm, swiglu, qk_norm_rope, attention, window_attention); repeatable")
     p.add_argument("--json", action="store_true")
     a = p.parse_args(argv)
-    rows = run_gate(a.target, only_real_shapes=not a.all)
+    rows = run_gate(a.target, only_real_shapes=not a.all, modules=a.module)
     if a.json:
         print(json.dumps(rows))
     else:

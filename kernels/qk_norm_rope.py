@@ -23,13 +23,21 @@ import torch
 import triton
 import triton.language as tl
 
-from ._common import INTERPRET, check_dtype, store_val
+from ._common import INTERPRET, SHORT, check_dtype, store_val
 
 
 
 def num_warps(block_h: int, block_half: int) -> int:
     """Enough threads that each holds ~4 elements of a (heads, D/2) tile: no spills at 32 heads."""
     return max(4, min(16, block_h * block_half // 256))
+
+
+def bwd_num_warps(block_hq: int, block_hk: int, block_half: int) -> int:
+    """The backward holds more per element; with GQA its q and k branches are differently shaped
+    code paths, which doubles the live registers (255 at 4 warps for 16/8 heads): twice the warps,
+    at most 8 (at 16 warps ptxas caps registers at 128 and 32/16 heads at D=76 spills; at 8: 255, none)."""
+    nw = num_warps(max(block_hq, block_hk), block_half)
+    return max(nw, min(8, 2 * nw)) if block_hq != block_hk else nw
 
 
 @triton.jit
@@ -189,7 +197,7 @@ def qk_norm_rope_bwd(dq, dk, q, k, q_weight, k_weight, sin, cos, q_rstd, k_rstd,
         _bwd_kernel[(programs, 2)](dq, dk, q, k, dqi, dki, q_rstd, k_rstd, q_weight.contiguous(), k_weight.contiguous(),
                                  sin, cos, dqw, dkw, T, N, HQ, HK, D, D // 2, num_prefix_tokens, sbs, per,
                                  BLOCK_HQ=bq, BLOCK_HK=bk, BLOCK_HALF=bh, INTERPRET=INTERPRET,
-                                 num_warps=num_warps(max(bq, bk), bh))
+                                 num_warps=bwd_num_warps(bq, bk, bh))
     return dqi, dki, dqw.sum(0).to(q_weight.dtype), dkw.sum(0).to(k_weight.dtype)
 
 
@@ -198,7 +206,7 @@ def shipped_configs(dtypes=(torch.bfloat16, torch.float16)):
     from ._aot import entry
 
     shapes = {(12, 12, 64), (16, 16, 64), (16, 8, 64), (16, 16, 80), (16, 8, 80), (24, 24, 64), (24, 12, 64),
-              (32, 32, 76), (32, 16, 76)}
+              (32, 32, 76), (32, 16, 76), (8, 8, 128), (16, 16, 128), (16, 8, 128)}
     out = []
     for dt in dtypes:
         for hq, hk, d in sorted(shapes):
@@ -207,11 +215,11 @@ def shipped_configs(dtypes=(torch.bfloat16, torch.float16)):
             nw = num_warps(max(cx["BLOCK_HQ"], cx["BLOCK_HK"]), cx["BLOCK_HALF"])
             ints = {a: "i32" for a in ("T", "N", "HQ", "HK", "D", "HALF", "P", "SIN_BSTRIDE", "tokens_per_program")}
             f32 = torch.float32
-            out.append(entry(f"qk_norm_rope_fwd[{dt},H={hq},Hkv={hk},D={d}]", _fwd_kernel,
+            out.append(entry(f"qk_norm_rope_fwd[{SHORT[dt]},H={hq},Hkv={hk},D={d}]", _fwd_kernel,
                              {"Q": dt, "K": dt, "QO": dt, "KO": dt, "QR": f32, "KR": f32, "QW": dt, "KW": dt,
                               "SIN": f32, "COS": f32, "eps": "fp32", **ints}, cx, nw))
-            out.append(entry(f"qk_norm_rope_bwd[{dt},H={hq},Hkv={hk},D={d}]", _bwd_kernel,
+            out.append(entry(f"qk_norm_rope_bwd[{SHORT[dt]},H={hq},Hkv={hk},D={d}]", _bwd_kernel,
                              {"GQ": dt, "GK": dt, "Q": dt, "K": dt, "DQ": dt, "DK": dt, "QR": f32, "KR": f32,
                               "QW": dt, "KW": dt, "SIN": f32, "COS": f32, "DQW_PART": f32, "DKW_PART": f32, **ints},
-                             cx, nw))
+                             cx, bwd_num_warps(cx["BLOCK_HQ"], cx["BLOCK_HK"], cx["BLOCK_HALF"])))
     return out

@@ -15,7 +15,7 @@ import torch
 import triton
 import triton.language as tl
 
-from ._common import INTERPRET, check_dtype, round_to, store_val
+from ._common import INTERPRET, SHORT, check_dtype, round_to, store_val
 
 BLOCK_F = 1024
 NUM_WARPS = 4
@@ -133,10 +133,10 @@ def shipped_configs(dtypes=(torch.bfloat16, torch.float16)):
     out = []
     for dt in dtypes:
         cx = {"BLOCK": BLOCK_F, "INTERPRET": False}
-        out.append(entry(f"swiglu_fwd[{dt}]", _fwd_kernel, {"X12": dt, "Y": dt, "F": "i32"}, cx, NUM_WARPS))
-        out.append(entry(f"swiglu_bwd[{dt}]", _bwd_kernel, {"DY": dt, "X12": dt, "DX12": dt, "F": "i32"}, cx, NUM_WARPS))
+        out.append(entry(f"swiglu_fwd[{SHORT[dt]}]", _fwd_kernel, {"X12": dt, "Y": dt, "F": "i32"}, cx, NUM_WARPS))
+        out.append(entry(f"swiglu_bwd[{SHORT[dt]}]", _bwd_kernel, {"DY": dt, "X12": dt, "DX12": dt, "F": "i32"}, cx, NUM_WARPS))
         for bias in (False, True):
-            out.append(entry(f"swiglu_recompute_bwd[{dt},bias={bias}]", _recompute_bwd_kernel,
+            out.append(entry(f"swiglu_recompute_bwd[{SHORT[dt]},bias={bias}]", _recompute_bwd_kernel,
                              {"DS": dt, "X12": dt, "S": dt, "DX12": dt, "DB_PART": torch.float32, "M": "i32",
                               "F": "i32", "rows_per_program": "i32"}, {**cx, "BIAS": bias}, NUM_WARPS))
     return out

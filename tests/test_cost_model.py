@@ -4,7 +4,8 @@ the block / tokenizer figures against the official code as PyTorch runs it on a 
 import pytest
 import torch
 
-from sapiens2.bench.cost import CostCounter, block_costs, compare, measure, tokenizer_costs
+from sapiens2.bench.cost import CostCounter, block_costs, compare, cost_block, measure, tokenizer_costs
+from sapiens2.bench.cost_cli import table
 from sapiens2.bench.official_block import OfficialStyleBlock
 
 meta = dict(device="meta", dtype=torch.bfloat16)
@@ -28,13 +29,26 @@ def test_views_and_allocations_are_free():
     assert _count(lambda: (a.view(8, 4), a.t(), a[1:], a.transpose(0, 1), torch.empty_like(a))) == []
 
 
-def test_fp32_counted_at_bf16_size_and_one_read_per_storage():
+def test_real_element_sizes_and_one_read_per_storage():
     a = torch.empty(4, 8, device="meta", dtype=torch.float32)
-    (op,) = _count(lambda: a * a)  # one storage read once
-    assert (op.read, op.written) == (64, 64)
+    (op,) = _count(lambda: a * a)  # fp32 at 4 bytes; one storage read once
+    assert (op.read, op.written) == (128, 128)
     i = torch.empty(4, 8, device="meta", dtype=torch.int64)
     (op,) = _count(lambda: i + 1)
     assert (op.read, op.written) == (256, 256)
+
+
+def test_broadcast_input_read_once():
+    row = torch.empty(1, 8, **meta)
+    (op,) = _count(lambda: row.expand(4, 8).contiguous())  # the copy reads the 8 elements once
+    assert (op.name, op.read, op.written) == ("aten.clone", 16, 64)
+
+
+def test_slice_backward_is_a_fill_and_a_copy():
+    """No GPU kernel of its own: zero-fill the full gradient, then copy the slice's gradient in."""
+    g = torch.empty(4, 8, **meta)
+    ops = _count(lambda: torch.ops.aten.slice_backward(g, [4, 16], 1, 8, 16, 1))
+    assert [(o.name, o.read, o.written) for o in ops] == [("aten.zeros", 0, 128), ("aten.copy_", 64, 64)]
 
 
 def test_matmul_flops_and_class():
@@ -62,25 +76,81 @@ def test_fused_norm_is_one_kernel_each_way_and_saved_bytes_exclude_parameters():
     assert r.saved_bytes == 10 * 64 * 2 + 10 * 4  # x (bf16) and rstd (fp32), not the weight
 
 
+def test_saved_bytes_once_per_storage_without_parameters():
+    with torch.device("meta"):
+        lin = torch.nn.Linear(8, 16, bias=False).to(torch.bfloat16)
+    x = torch.empty(4, 8, **meta, requires_grad=True)
+
+    def fwd():
+        y = lin(x)  # saves x (and the weight, excluded)
+        return (y * y,)  # saves y twice: one storage
+
+    r = measure("tiny", fwd, lin.parameters(), 4 * 16 * 2, (x,))
+    assert r.saved_bytes == 4 * 8 * 2 + 4 * 16 * 2
+    assert [o.phase for o in r.ops].count("fwd") == 2 and r.kernels == len(r.ops)
+
+
+@pytest.mark.parametrize("gqa", [False, True])
+@pytest.mark.parametrize("gpu_like", [False, True])
+def test_official_style_block_computes_our_block(gqa, gpu_like):
+    """Same function as our Block (fp32, CPU, reference ops), forward and input gradient, so both
+    sides of the comparison do the same work; with gpu_like the one-kernel stand-ins compute it too."""
+    from sapiens2.models.layers import Block
+    from sapiens2.models.rope import Rope2D
+    from sapiens2.ops import use_backend
+
+    torch.manual_seed(0)
+    ours = Block(64, 4, 2 if gqa else 4, 256)
+    for p in ours.parameters():
+        torch.nn.init.normal_(p, std=0.3)
+    off = OfficialStyleBlock.from_ours(ours, gpu_like=gpu_like)
+    sin, cos = Rope2D(16, dtype=torch.float32)(3, 4)
+    h, pending = torch.randn(2, 9 + 12, 64, requires_grad=True), torch.randn(2, 9 + 12, 64)
+    with use_backend("reference"):
+        a = sum(ours(h, pending, (sin, cos), 9))
+        b = off(h + pending, sin, cos)
+        g = torch.randn_like(a)
+        (ga,) = torch.autograd.grad(a, h, g)
+        (gb,) = torch.autograd.grad(b, h, g)
+    torch.testing.assert_close(b, a, atol=1e-4, rtol=1e-4)
+    torch.testing.assert_close(gb, ga, atol=1e-4, rtol=1e-4)
+
+
 @pytest.fixture(scope="module")
 def blocks_04b():
     return {gqa: block_costs("sapiens2_0.4b", (1024, 768), gqa=gqa) for gqa in (False, True)}
 
 
 def test_official_block_calibration(blocks_04b):
-    """The official 0.4B block as PyTorch runs it on a GPU: ~288 activations moved (~195 outside the
-    matmuls), ~86-91 kernels, ~28 activations kept for backward."""
+    """The official 0.4B block as PyTorch runs it on a GPU, against the issue's ~284 activations moved,
+    ~203 outside the matmuls, ~82 kernels and ~28 kept: we count ~285, ~192-195 outside (~204-207 with
+    the flash-attention kernels' ~12 counted outside the matmuls too, as the issue's figure does),
+    83 (MHA) / 88 (GQA: K/V repeat copies and their reductions) kernels and ~28 kept."""
     for gqa, (_, off) in blocks_04b.items():
         s = off.summary()
-        assert 270 < s["bytes_units"] < 300 and 180 < s["bytes_outside_matmul_units"] < 210
-        assert 80 <= s["kernels"] <= 95 and 26 < s["saved_bytes_units"] < 30
+        assert 275 < s["bytes_units"] < 295 and 185 < s["bytes_outside_matmul_units"] < 200
+        attention = sum(o.bytes for o in off.ops if "sdpa" in o.name) / s["unit_bytes"]
+        assert 198 < s["bytes_outside_matmul_units"] + attention < 212
+        assert 80 <= s["kernels"] <= 90 and 26 < s["saved_bytes_units"] < 30
+
+
+def test_forward_only(blocks_04b):
+    """Without ``train``: the training step's forward kernels, nothing kept."""
+    for i, side in enumerate(("ours", "official")):
+        r = cost_block("sapiens2_0.4b", gqa=True, side=side, train=False)
+        train = blocks_04b[True][i]
+        assert r.saved_bytes == 0 and [o.name for o in r.ops] == [o.name for o in train.ops if o.phase == "fwd"]
 
 
 @pytest.mark.parametrize("gqa", [False, True])
 def test_block_targets(blocks_04b, gqa):
     ours, off = blocks_04b[gqa]
+    print(table([(ours, off)]))
+    a, b = ours.summary(), off.summary()
+    assert all(a[k] > 0 and b[k] > 0 for k in ("bytes", "bytes_outside_matmul", "kernels", "flops", "saved_bytes"))
+    assert a["bytes_outside_matmul"] < a["bytes"] and a["roofline_s"] > 0
     r = compare(ours, off)
-    assert r["flops"] == pytest.approx(1.0, rel=0.01)  # the same projections and attention
+    assert r["flops_matmul"] == pytest.approx(1.0, rel=0.01)  # the same projections and attention
     # the RMSNorm/SwiGLU issue: outside-matmul traffic <= 50%, launches <= 70%, kept bytes <= 85%
     assert r["bytes_outside_matmul"] <= 0.50 and r["kernels"] <= 0.70 and r["saved_bytes"] <= 0.85
     # the attention issue: total traffic <= 60%, launches <= 60%, kept bytes <= 65%

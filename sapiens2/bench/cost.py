@@ -3,21 +3,31 @@ its outputs to HBM once.
 
 Counting rules (pinned by ``tests/test_cost_model.py``):
 
-* views and metadata ops (``func.is_view``, ``detach``) and bare allocations (``empty*``) move
-  nothing and launch nothing; every other op is one kernel;
-* bytes read = every distinct input storage's elements that the op sees, bytes written = its
-  outputs' elements; floating elements count at the bf16 size (2 bytes), others at their size;
-  an in-place op's output aliasing an input is one write, not an extra read;
+* views and metadata ops (``func.is_view``, ``detach``, ``_unsafe_view``) and bare allocations
+  (``empty*``) move nothing and launch nothing; every other op is one kernel, except the few
+  composite ops that have no GPU kernel of their own (``slice_backward``, ``select_backward``): on a
+  GPU they run their composite body (zero-fill + copy into the slice), so that body is run under
+  the counter and each of its kernels counted;
+* bytes read = the distinct elements of each distinct input storage the op sees (a broadcast,
+  stride-0 view reads its storage once; several views of one storage add up, capped at the
+  storage), bytes written = its outputs' elements; every element at its own dtype size — both
+  sides run in pure bf16, so activations are 2 bytes and the fp32 statistics (rstd, lse) and our
+  fp32 RoPE tables 4 bytes; an in-place op's destination is one write, plus one read unless the op
+  only writes it (``copy_``, ``fill_``, ``zero_``);
 * FLOPs from ``torch.utils.flop_counter``'s registry (matmuls, convolutions, attention; the
-  ``sapiens2`` ops register theirs); element-wise work counts zero FLOPs;
+  ``sapiens2`` ops and the official-side flash stand-in register theirs); element-wise work
+  counts zero FLOPs;
 * "matmul" ops (mm/addmm/bmm/conv and the attention kernels) are reported apart, so traffic
   outside the matmuls can be compared;
 * bytes kept for backward: storages saved by autograd during the forward (``saved_tensors_hooks``),
-  each once, parameters excluded, at their real dtype size in a bf16 run;
+  each once, parameters excluded, at their real dtype size;
+* the backward starts from output gradients made outside the counter (no ``ones_like`` seed) and
+  returns gradients with ``torch.autograd.grad`` (no ``.grad`` accumulation copies);
 * roofline time per op = max(FLOPs / 989.4 TFLOP/s, bytes / 3.35 TB/s) on an H100 SXM.
 
-Both sides run in pure bf16 on the meta device. The official side is costed as PyTorch runs it on
-a GPU (``OfficialStyleBlock(gpu_like=True)``: fused RMSNorm kernels, one flash kernel for SDPA).
+The official side is costed as PyTorch runs it on a GPU (``OfficialStyleBlock(gpu_like=True)``: one
+fused RMSNorm kernel and one flash-attention kernel per direction) instead of the many aten ops
+these decompose into on the CPU / meta device.
 """
 
 from __future__ import annotations
@@ -31,7 +41,7 @@ from torch.utils._pytree import tree_flatten
 from torch.utils.flop_counter import flop_registry
 
 from .device import H100_SXM
-from .sizing import saved_bytes
+from .sizing import saved_bytes, storage_key
 
 aten = torch.ops.aten
 # no kernel: allocations, and views the schema does not mark as aliasing (``_unsafe_view`` reshapes
@@ -39,24 +49,40 @@ aten = torch.ops.aten
 _NO_KERNEL = {aten.detach.default, aten.empty.memory_format, aten.empty_like.default, aten.empty_strided.default,
               aten.new_empty.default, aten.new_empty_strided.default, aten.lift_fresh.default,
               aten._unsafe_view.default}
+
+
+def _composite_key(op) -> torch._C.DispatchKey:
+    """The dispatch key of ``op``'s composite (decomposing) kernel."""
+    DK = torch._C.DispatchKey
+    for key in (DK.CompositeExplicitAutograd, DK.CompositeExplicitAutogradNonFunctional):
+        if torch._C._dispatch_has_kernel_for_dispatch_key(op.name(), key):
+            return key
+    raise RuntimeError(f"{op} has no composite kernel")
+
+
+# composite ops without a GPU kernel of their own whose body (zero-fill + copy) launches two kernels,
+# with the dispatch key of that body
+_GPU_COMPOSITE = {op: _composite_key(op) for op in (aten.slice_backward.default, aten.select_backward.default)}
+# in-place ops that only write their destination
+_WRITE_ONLY = {aten.copy_.default, aten.fill_.Scalar, aten.fill_.Tensor, aten.zero_.default}
 _MATMUL = {"mm", "addmm", "bmm", "baddbmm", "convolution", "convolution_backward", "linear",
            "_scaled_dot_product_flash_attention", "_scaled_dot_product_efficient_attention",
            "_scaled_dot_product_flash_attention_for_cpu", "attention", "attention_backward", "flash_sdpa",
            "flash_sdpa_backward", "window_attention", "window_attention_backward", "cls_pool", "cls_pool_backward"}
 
 
-def _elem_bytes(t: torch.Tensor) -> int:
-    return 2 if t.is_floating_point() else t.element_size()
-
-
-def _storage(t: torch.Tensor) -> int:
-    return t.untyped_storage()._cdata
+def _footprint(t: torch.Tensor) -> int:
+    """Bytes of the distinct elements ``t`` addresses: broadcast (stride-0) dimensions add none."""
+    n = 1
+    for size, stride in zip(t.shape, t.stride()):
+        n *= size if stride else min(size, 1)
+    return n * t.element_size()
 
 
 @dataclass
 class OpCost:
     name: str
-    phase: str  # "fwd" or "bwd"
+    phase: str  # "fwd" or "bwd" (run during the backward)
     read: int
     written: int
     flops: int
@@ -81,27 +107,35 @@ class CostCounter(TorchDispatchMode):
 
     def __torch_dispatch__(self, func, types, args=(), kwargs=None):
         kwargs = kwargs or {}
+        if func in _GPU_COMPOSITE:  # run the composite body with this mode on, to see its kernels
+            with self:
+                return func._op_dk(_GPU_COMPOSITE[func], *args, **kwargs)
         out = func(*args, **kwargs)
-        if func in _NO_KERNEL or func.is_view:
-            return out
+        if func not in _NO_KERNEL and not func.is_view:
+            self.ops.append(self._cost(func, args, kwargs, out))
+        return out
+
+    def _cost(self, func, args, kwargs, out) -> OpCost:
         ins = [t for t in tree_flatten((args, kwargs))[0] if isinstance(t, torch.Tensor)]
         outs = [t for t in tree_flatten(out)[0] if isinstance(t, torch.Tensor)]
-        in_storages = {}
+        out_storages = {storage_key(t) for t in outs}
+        written = sum(_footprint(t) for t in outs)
+        views: dict[int, dict[tuple, int]] = {}  # storage -> distinct views of it -> their bytes
+        caps: dict[int, int] = {}
         for t in ins:
-            in_storages.setdefault(_storage(t), t.numel() * _elem_bytes(t))
-        written = 0
-        for t in outs:
-            s = _storage(t)
-            written += t.numel() * _elem_bytes(t)
-            in_storages.pop(s, None)  # in-place: the aliased input is read as part of the update
-        read = sum(in_storages.values())
-        if func._schema.is_mutable and func is not aten.copy_.default:  # read-modify-write updates
+            s = storage_key(t)
+            if s in out_storages:  # an in-place / out= destination: accounted for below
+                continue
+            views.setdefault(s, {})[(t.storage_offset(), tuple(t.shape), tuple(t.stride()))] = _footprint(t)
+            caps[s] = t.untyped_storage().nbytes()
+        read = sum(min(sum(v.values()), caps[s]) for s, v in views.items())
+        in_place = func._schema.is_mutable and "out" not in func._schema.overload_name  # not an out= variant
+        if in_place and func not in _WRITE_ONLY:  # read-modify-write updates
             read += written
         packet = func._overloadpacket
         flops = int(flop_registry[packet](*args, **kwargs, out_val=out)) if packet in flop_registry else 0
-        self.ops.append(OpCost(f"{func.namespace}.{packet.__name__}", self.phase, read, written, flops,
-                               packet.__name__ in _MATMUL))
-        return out
+        return OpCost(f"{func.namespace}.{packet.__name__}", self.phase, read, written, flops,
+                      packet.__name__ in _MATMUL)
 
 
 @dataclass
@@ -114,17 +148,37 @@ class CostReport:
     def total(self, attr: str, pred: Callable[[OpCost], bool] = lambda o: True):
         return sum(getattr(o, attr) for o in self.ops if pred(o))
 
+    @property
+    def bytes(self) -> int:
+        return self.total("bytes")
+
+    @property
+    def bytes_outside_matmul(self) -> int:
+        return self.total("bytes", lambda o: not o.matmul)
+
+    @property
+    def kernels(self) -> int:
+        return len(self.ops)
+
+    @property
+    def flops(self) -> int:
+        return self.total("flops")
+
+    @property
+    def roofline_s(self) -> float:
+        return self.total("roofline_s")
+
     def summary(self) -> dict:
-        outside = lambda o: not o.matmul  # noqa: E731
         d = {
             "label": self.label,
-            "bytes": self.total("bytes"),
-            "bytes_outside_matmul": self.total("bytes", outside),
-            "kernels": len(self.ops),
+            "bytes": self.bytes,
+            "bytes_outside_matmul": self.bytes_outside_matmul,
+            "kernels": self.kernels,
             "kernels_fwd": sum(o.phase == "fwd" for o in self.ops),
-            "flops": self.total("flops"),
+            "flops": self.flops,
+            "flops_matmul": self.total("flops", lambda o: o.matmul),
             "saved_bytes": self.saved_bytes,
-            "roofline_s": self.total("roofline_s"),
+            "roofline_s": self.roofline_s,
             "unit_bytes": self.unit_bytes,
         }
         for k in ("bytes", "bytes_outside_matmul", "saved_bytes"):
@@ -146,14 +200,19 @@ class CostReport:
         return {**self.summary(), "ops": [asdict(o) for o in self.ops]}
 
 
-def measure(label: str, fwd: Callable[[], tuple], params, unit_bytes: int, inputs=()) -> CostReport:
-    """Cost ``fwd()`` (returning output tensors) and its backward from random output gradients.
+def measure(label: str, fwd: Callable[[], tuple], params, unit_bytes: int, inputs=(), train: bool = True) -> CostReport:
+    """Cost ``fwd()`` (returning output tensors) and, with ``train``, its backward from random output
+    gradients; without ``train`` the forward runs under ``no_grad`` and keeps nothing.
 
     The backward returns the gradients of ``inputs`` and ``params`` (``torch.autograd.grad``) rather
     than accumulating into ``.grad``: accumulation copies are bookkeeping of the measurement, not
     work a model does."""
     params = list(params)
     counter = CostCounter()
+    if not train:
+        with torch.no_grad(), counter:
+            fwd()
+        return CostReport(label, counter.ops, 0, unit_bytes)
     holder = {}
 
     def run():
@@ -171,38 +230,54 @@ def measure(label: str, fwd: Callable[[], tuple], params, unit_bytes: int, input
 
 
 def compare(ours: CostReport, official: CostReport) -> dict:
+    """Ratios ours / official of the totals (those with a nonzero official figure)."""
     a, b = ours.summary(), official.summary()
-    return {k: a[k] / b[k] for k in ("bytes", "bytes_outside_matmul", "kernels", "saved_bytes", "roofline_s", "flops")
-            if b[k]}
+    return {k: a[k] / b[k] for k in ("bytes", "bytes_outside_matmul", "kernels", "saved_bytes", "roofline_s", "flops",
+                                     "flops_matmul") if b[k]}
 
 
 # ---------------------------------------------------------------------------------------- blocks and stages
 
 
-def block_costs(arch, img_size=(1024, 768), batch: int = 1, gqa: bool = False) -> tuple[CostReport, CostReport]:
-    """(ours, official) for one trunk block (full attention, or GQA) at ``img_size``, training step."""
+def cost_block(arch, img=(1024, 768), batch: int = 1, gqa: bool = False, side: str = "ours",
+               train: bool = True) -> CostReport:
+    """One trunk block (full attention, or GQA) of ``arch`` at ``img``, in bf16 on the meta device.
+
+    ``side="ours"``: ``Block`` in steady state, ``(h, pending) -> (h', pending')`` with fp32 RoPE
+    tables (our kernels rotate in fp32); the backward gets gradients for both outputs.
+    ``side="official"``: ``OfficialStyleBlock(gpu_like=True)`` built from it, ``x -> x'`` with bf16
+    RoPE tables (the official default, so q and k need no cast). ``N = 1 + 8 + (H/16)(W/16)``."""
     from ..models.config import get_arch
     from ..models.layers import Block
     from .official_block import OfficialStyleBlock
 
+    if side not in ("ours", "official"):
+        raise ValueError(f"side must be 'ours' or 'official', got {side!r}")
     cfg = get_arch(arch)
     C, H, D = cfg.embed_dims, cfg.num_heads, cfg.head_dim
     Hkv = H // cfg.gqa_kv_ratio if gqa else H
-    N = 1 + cfg.n_storage_tokens + (img_size[0] // 16) * (img_size[1] // 16)
     P = 1 + cfg.n_storage_tokens
+    N = P + (img[0] // 16) * (img[1] // 16)
     bf16, meta = torch.bfloat16, torch.device("meta")
     with meta:
-        ours = Block(C, H, Hkv, cfg.ffn_hidden).to(bf16)
-        official = OfficialStyleBlock(C, H, Hkv, cfg.ffn_hidden, gpu_like=True).to(bf16)
-    act = lambda: torch.empty(batch, N, C, device=meta, dtype=bf16, requires_grad=True)  # noqa: E731
-    sin32 = torch.empty(N - P, D, device=meta)  # our kernels rotate in fp32
-    sin16 = torch.empty(N - P, D, device=meta, dtype=bf16)  # the official default: bf16 tables
-    h, pending, x = act(), act(), act()
+        block = Block(C, H, Hkv, cfg.ffn_hidden).to(bf16)
+    act = lambda: torch.empty(batch, N, C, device=meta, dtype=bf16, requires_grad=train)  # noqa: E731
     unit = batch * N * C * 2
-    kind = "GQA" if gqa else "MHA"
-    r_ours = measure(f"ours {kind}", lambda: ours(h, pending, (sin32, sin32), P), ours.parameters(), unit, (h, pending))
-    r_off = measure(f"official {kind}", lambda: (official(x, sin16, sin16),), official.parameters(), unit, (x,))
-    return r_ours, r_off
+    label = f"{side} {'GQA' if gqa else 'MHA'}"
+    if side == "ours":
+        h, pending = act(), act()
+        sin, cos = torch.empty(2, N - P, D, device=meta)
+        return measure(label, lambda: block(h, pending, (sin, cos), P), block.parameters(), unit, (h, pending), train)
+    official = OfficialStyleBlock.from_ours(block, gpu_like=True)
+    x = act()
+    sin, cos = torch.empty(2, N - P, D, device=meta, dtype=bf16)
+    return measure(label, lambda: (official(x, sin, cos),), official.parameters(), unit, (x,), train)
+
+
+def block_costs(arch, img_size=(1024, 768), batch: int = 1, gqa: bool = False,
+                train: bool = True) -> tuple[CostReport, CostReport]:
+    """(ours, official) for one trunk block (full attention, or GQA) at ``img_size``."""
+    return tuple(cost_block(arch, img_size, batch, gqa, side, train) for side in ("ours", "official"))
 
 
 def tokenizer_costs(arch="sapiens2_1b", img_size=(4096, 3072), batch: int = 1, mask_ratio: float = 0.0,

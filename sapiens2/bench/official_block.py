@@ -65,11 +65,14 @@ def flash_sdpa(q: Tensor, k: Tensor, v: Tensor) -> tuple[Tensor, Tensor]:
 
 @flash_sdpa.register_fake
 def _(q, k, v):
+    # PyTorch's flash path allocates the output like (the transposed) q, so with the official
+    # contiguous (B, H, N, D) q the permute + reshape back to (B, N, C) is a real copy, as on a GPU
     return torch.empty_like(q), q.new_empty(q.shape[:-1], dtype=torch.float32)
 
 
 @torch.library.custom_op("sapiens2_cost::flash_sdpa_backward", mutates_args=())
-def flash_sdpa_backward(do: Tensor, q: Tensor, k: Tensor, v: Tensor, o: Tensor, lse: Tensor) -> tuple[Tensor, Tensor, Tensor]:
+def flash_sdpa_backward(do: Tensor, q: Tensor, k: Tensor, v: Tensor, o: Tensor,
+                        lse: Tensor) -> tuple[Tensor, Tensor, Tensor]:
     scale = q.shape[-1] ** -0.5
     qf, kf, vf, dof = q.float(), k.float(), v.float(), do.float()
     p = torch.exp(qf @ kf.transpose(-1, -2) * scale - lse[..., None])
@@ -123,6 +126,13 @@ class _Norm(nn.Module):
         return F.rms_norm(x, (x.shape[-1],), self.weight, 1e-6)
 
 
+# OfficialStyleBlock parameter -> the same parameter of our Block
+_OURS_NAMES = {"ln1.weight": "ln1.weight", "ln2.weight": "ln2.weight", "gamma": "attn.gamma.weight",
+               "q_norm.weight": "attn.q_norm.weight", "k_norm.weight": "attn.k_norm.weight",
+               **{f"{m}.{p}": f"attn.{m}.{p}" for m in ("wq", "wk", "wv", "proj") for p in ("weight", "bias")},
+               **{f"{m}.{p}": f"ffn.{m}.{p}" for m in ("w12", "w3") for p in ("weight", "bias")}}
+
+
 class OfficialStyleBlock(nn.Module):
     def __init__(self, dim: int, num_heads: int, num_kv_heads: int, ffn_hidden: int, gpu_like: bool = True,
                  tokenizer_layer: bool = False):
@@ -140,15 +150,28 @@ class OfficialStyleBlock(nn.Module):
         self.w12 = nn.Linear(dim, 2 * ffn_hidden)
         self.w3 = nn.Linear(ffn_hidden, dim)
 
+    @classmethod
+    def from_ours(cls, block, gpu_like: bool = True) -> "OfficialStyleBlock":
+        """The official-style twin of a trunk ``sapiens2.models.layers.Block``: same shapes, device and
+        dtype, and (off the meta device) the same weights, so both compute the same function."""
+        a, w = block.attn, next(block.parameters())
+        with torch.device(w.device):
+            off = cls(a.wq.in_features, a.num_heads, a.num_kv_heads, block.ffn.w3.in_features, gpu_like).to(w.dtype)
+        if w.device.type != "meta":
+            ours = block.state_dict()
+            off.load_state_dict({k: ours[v] for k, v in _OURS_NAMES.items()}, strict=True)
+        return off
+
     @staticmethod
     def _rotate_half(x):
         x1, x2 = x.chunk(2, dim=-1)
         return torch.cat([-x2, x1], dim=-1)
 
     def _rope(self, x, sin, cos):
+        # one slice used twice, as the official code does: its gradients meet before one slice_backward
         p = x.shape[-2] - sin.shape[-2]
-        rot = x[:, :, p:] * cos + self._rotate_half(x[:, :, p:]) * sin
-        return torch.cat([x[:, :, :p], rot], dim=-2)
+        xr = x[:, :, p:]
+        return torch.cat([x[:, :, :p], xr * cos + self._rotate_half(xr) * sin], dim=-2)
 
     def attn(self, x, sin, cos):
         B, N, C = x.shape

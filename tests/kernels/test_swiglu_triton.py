@@ -1,0 +1,88 @@
+"""SwiGLU Triton kernels under the interpreter (CPU) vs a float64 plain-torch reference (autograd):
+``swiglu_fwd`` / ``swiglu_bwd`` and the fused FFN backward pass ``swiglu_recompute_bwd``.
+
+Tolerance rule: max-abs error vs float64 <= 2 x (max-abs error of the same plain-torch computation
+run in the low precision) + 1 ulp of the output dtype at the float64 output's scale.
+"""
+
+import os
+
+os.environ["TRITON_INTERPRET"] = "1"  # before triton is imported (conftest does it too)
+
+import pytest  # noqa: E402
+import torch  # noqa: E402
+
+from sapiens2.kernels import swiglu as SW  # noqa: E402
+
+ULP = {torch.float32: 2.0**-23, torch.float16: 2.0**-10, torch.bfloat16: 2.0**-7}
+DTYPES = [torch.float32, torch.float16, torch.bfloat16]
+
+
+def ref_swiglu(x12):
+    a, b = x12.chunk(2, dim=-1)
+    return a * torch.sigmoid(a) * b
+
+
+def check(name, got, exact, low, dtype):
+    exact = exact.double()
+    ref_err = (low.double() - exact).abs().max().item()
+    err = (got.double() - exact).abs().max().item()
+    bound = 2 * ref_err + ULP[dtype] * max(exact.abs().max().item(), 1e-30)
+    assert got.dtype == dtype and got.shape == exact.shape, (name, got.dtype, got.shape, exact.shape)
+    assert err <= bound, f"{name}: error {err:.3e} > bound {bound:.3e} (reference error {ref_err:.3e})"
+
+
+def plain_grads(fn, x, dtype, g):
+    x = x.detach().to(dtype).requires_grad_()
+    out = fn(x)
+    (dx,) = torch.autograd.grad(out, [x], g.to(dtype))
+    return out.detach(), dx
+
+
+def _case(M, F, dtype):
+    gen = torch.Generator().manual_seed(M * 17 + F)
+    x = torch.randn(M, 2 * F, generator=gen, dtype=torch.float64) * 2.0
+    g = torch.randn(M, F, generator=gen, dtype=torch.float64)
+    ex_out, ex_dx = plain_grads(ref_swiglu, x, torch.float64, g)
+    lo_out, lo_dx = plain_grads(ref_swiglu, x, dtype, g)
+    check("y", SW.swiglu_fwd(x.to(dtype)), ex_out, lo_out, dtype)
+    check("dx12", SW.swiglu_bwd(g.to(dtype), x.to(dtype)), ex_dx, lo_dx, dtype)
+
+
+# FFN hidden F = 4C at the real widths (768 .. 2432 -> 3072 .. 9728), awkward sizes (one element,
+# odd F: masked column tiles and a row split that is not tile aligned)
+@pytest.mark.parametrize("dtype", DTYPES, ids=str)
+@pytest.mark.parametrize("M,F", [(1, 1), (3, 77), (2, 1000), (2, 4 * 768), (1, 4 * 1024), (1, 4 * 1280),
+                                 (1, 4 * 1536), (1, 4 * 2432)])
+def test_swiglu(M, F, dtype):
+    _case(M, F, dtype)
+
+
+@pytest.mark.slow
+@pytest.mark.parametrize("dtype", DTYPES, ids=str)
+def test_swiglu_full_width(dtype):
+    """The real shape: N = 3081 rows at the 0.4B FFN width F = 4096."""
+    _case(3081, 4096, dtype)
+
+
+@pytest.mark.parametrize("dtype", DTYPES, ids=str)
+@pytest.mark.parametrize("M,F,bias", [(1, 1, True), (37, 77, True), (100, 1024, True), (3, 3072, False)])
+def test_swiglu_recompute_backward(M, F, bias, dtype):
+    """The FFN backward pass: recomputed hidden s, dx12 and the w12 bias gradient (a row sum)."""
+    gen = torch.Generator().manual_seed(M + F)
+    x = torch.randn(M, 2 * F, generator=gen, dtype=torch.float64) * 2.0
+    g = torch.randn(M, F, generator=gen, dtype=torch.float64)
+    s, dx12, db = SW.swiglu_recompute_bwd(g.to(dtype), x.to(dtype), bias)
+    ex_out, ex_dx = plain_grads(ref_swiglu, x, torch.float64, g)
+    lo_out, lo_dx = plain_grads(ref_swiglu, x, dtype, g)
+    check("s", s, ex_out, lo_out, dtype)
+    check("dx12", dx12, ex_dx, lo_dx, dtype)
+    if bias:
+        check("db12", db, ex_dx.sum(0), lo_dx.float().sum(0).to(dtype), dtype)
+    else:
+        assert db.numel() == 0
+
+
+def test_empty():
+    assert SW.swiglu_fwd(torch.empty(0, 8)).shape == (0, 4)
+    assert SW.swiglu_bwd(torch.empty(0, 4), torch.empty(0, 8)).shape == (0, 8)
