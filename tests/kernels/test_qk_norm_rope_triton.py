@@ -13,36 +13,12 @@ os.environ["TRITON_INTERPRET"] = "1"  # before triton is imported (conftest does
 import pytest  # noqa: E402
 import torch  # noqa: E402
 
+from plain_reference import rms_norm as ref_rms_norm  # noqa: E402
+from plain_reference import rope as ref_rope  # noqa: E402
 from sapiens2.kernels import qk_norm_rope as QK  # noqa: E402
+from tolerance import DTYPES, check  # noqa: E402
 
-ULP = {torch.float32: 2.0**-23, torch.float16: 2.0**-10, torch.bfloat16: 2.0**-7}
-DTYPES = [torch.float32, torch.float16, torch.bfloat16]
 EPS = 1e-6
-
-
-def ref_rms_norm(x, w, eps=EPS):
-    return x * torch.rsqrt(x.pow(2).mean(-1, keepdim=True) + eps) * w
-
-
-def rotate_half(x):
-    x1, x2 = x.chunk(2, dim=-1)
-    return torch.cat([-x2, x1], dim=-1)
-
-
-def ref_rope(x, sin, cos, p):
-    """x (B, N, H, D); sin/cos (N - p, D) shared or (B, N - p, D) per sample; tokens < p untouched."""
-    s = sin[None, :, None] if sin.dim() == 2 else sin[:, :, None]
-    c = cos[None, :, None] if cos.dim() == 2 else cos[:, :, None]
-    return torch.cat([x[:, :p], x[:, p:] * c + rotate_half(x[:, p:]) * s], dim=1)
-
-
-def check(name, got, exact, low, dtype):
-    exact = exact.double()
-    ref_err = (low.double() - exact).abs().max().item()
-    err = (got.double() - exact).abs().max().item()
-    bound = 2 * ref_err + ULP[dtype] * max(exact.abs().max().item(), 1e-30)
-    assert got.dtype == dtype and got.shape == exact.shape, (name, got.dtype, got.shape, exact.shape)
-    assert err <= bound, f"{name}: error {err:.3e} > bound {bound:.3e} (reference error {ref_err:.3e})"
 
 
 def _case(B, N, HQ, HK, D, P, per_sample, dtype, table_dtype=torch.float32, seed=0):

@@ -12,33 +12,11 @@ os.environ["TRITON_INTERPRET"] = "1"  # before triton is imported (conftest does
 import pytest  # noqa: E402
 import torch  # noqa: E402
 
+from plain_reference import rms_norm as ref_rms_norm  # noqa: E402
 from sapiens2.kernels import rms_norm as RN  # noqa: E402
+from tolerance import DTYPES, check, plain_grads  # noqa: E402
 
-ULP = {torch.float32: 2.0**-23, torch.float16: 2.0**-10, torch.bfloat16: 2.0**-7}
-DTYPES = [torch.float32, torch.float16, torch.bfloat16]
 EPS = 1e-6
-
-
-def ref_rms_norm(x, w, eps=EPS):
-    return x * torch.rsqrt(x.pow(2).mean(-1, keepdim=True) + eps) * w
-
-
-def check(name, got, exact, low, dtype):
-    exact = exact.double()
-    ref_err = (low.double() - exact).abs().max().item() if exact.numel() else 0.0
-    err = (got.double() - exact).abs().max().item() if exact.numel() else 0.0
-    bound = 2 * ref_err + ULP[dtype] * max(exact.abs().max().item() if exact.numel() else 0.0, 1e-30)
-    assert got.dtype == dtype, f"{name}: dtype {got.dtype}, expected {dtype}"
-    assert got.shape == exact.shape, f"{name}: shape {tuple(got.shape)} vs {tuple(exact.shape)}"
-    assert err <= bound, f"{name}: error {err:.3e} > bound {bound:.3e} (reference error {ref_err:.3e})"
-
-
-def plain_grads(fn, inputs, dtype, g):
-    """fn's output and the gradients of <output, g> w.r.t. every non-None input, in ``dtype``."""
-    xs = [t.detach().to(dtype).requires_grad_() if t is not None else None for t in inputs]
-    out = fn(*xs)
-    grads = torch.autograd.grad(out, [x for x in xs if x is not None], g.to(dtype))
-    return out.detach(), grads
 
 
 def data(*shape, gen, scale=1.0):
