@@ -16,26 +16,27 @@ import torch.nn.functional as F
 from torch import Tensor, nn
 from torch.utils.flop_counter import register_flop_formula
 
+# the stand-ins compute what the ops' reference implementations compute; only their kernel count differs
+from ..ops._checks import stat_dtype
+from ..ops._sdpa_ref import sdpa_bwd, sdpa_fwd
+from ..ops.rms_norm import _rms_norm_bwd_ref, _rms_norm_ref
+
 # ------------------------------------------------------------------------------------ one-kernel stand-ins
 
 
 @torch.library.custom_op("sapiens2_cost::fused_rms_norm", mutates_args=())
 def fused_rms_norm(x: Tensor, w: Tensor, eps: float) -> tuple[Tensor, Tensor]:
-    rstd = torch.rsqrt(x.float().pow(2).mean(-1) + eps)
-    return (x.float() * rstd[..., None] * w.float()).to(x.dtype), rstd
+    return _rms_norm_ref(x, w, eps)
 
 
 @fused_rms_norm.register_fake
 def _(x, w, eps):
-    return torch.empty_like(x), x.new_empty(x.shape[:-1], dtype=torch.float32)
+    return torch.empty_like(x), x.new_empty(x.shape[:-1], dtype=stat_dtype(x))
 
 
 @torch.library.custom_op("sapiens2_cost::fused_rms_norm_backward", mutates_args=())
 def fused_rms_norm_backward(dy: Tensor, x: Tensor, w: Tensor, rstd: Tensor) -> tuple[Tensor, Tensor]:
-    xhat = x.float() * rstd[..., None]
-    g = dy.float() * w.float()
-    dx = rstd[..., None] * (g - xhat * (g * xhat).mean(-1, keepdim=True))
-    return dx.to(x.dtype), (dy.float() * xhat).reshape(-1, x.shape[-1]).sum(0).to(w.dtype)
+    return _rms_norm_bwd_ref(dy, x, w, rstd)
 
 
 @fused_rms_norm_backward.register_fake
@@ -59,26 +60,21 @@ fused_rms_norm.register_autograd(_rms_bwd, setup_context=_rms_setup)
 
 @torch.library.custom_op("sapiens2_cost::flash_sdpa", mutates_args=())
 def flash_sdpa(q: Tensor, k: Tensor, v: Tensor) -> tuple[Tensor, Tensor]:
-    s = (q.float() @ k.float().transpose(-1, -2)) * q.shape[-1] ** -0.5
-    return (torch.softmax(s, -1) @ v.float()).to(q.dtype), torch.logsumexp(s, -1)
+    return sdpa_fwd(q, k, v, None, q.shape[-1] ** -0.5)
 
 
 @flash_sdpa.register_fake
 def _(q, k, v):
     # PyTorch's flash path allocates the output like (the transposed) q, so with the official
     # contiguous (B, H, N, D) q the permute + reshape back to (B, N, C) is a real copy, as on a GPU
-    return torch.empty_like(q), q.new_empty(q.shape[:-1], dtype=torch.float32)
+    return torch.empty_like(q), q.new_empty(q.shape[:-1], dtype=stat_dtype(q))
 
 
 @torch.library.custom_op("sapiens2_cost::flash_sdpa_backward", mutates_args=())
 def flash_sdpa_backward(do: Tensor, q: Tensor, k: Tensor, v: Tensor, o: Tensor,
                         lse: Tensor) -> tuple[Tensor, Tensor, Tensor]:
-    scale = q.shape[-1] ** -0.5
-    qf, kf, vf, dof = q.float(), k.float(), v.float(), do.float()
-    p = torch.exp(qf @ kf.transpose(-1, -2) * scale - lse[..., None])
-    dp = dof @ vf.transpose(-1, -2)
-    ds = p * (dp - (dof * o.float()).sum(-1, keepdim=True)) * scale
-    return (ds @ kf).to(q.dtype), (ds.transpose(-1, -2) @ qf).to(k.dtype), (p.transpose(-1, -2) @ dof).to(v.dtype)
+    dq, dk, dv = sdpa_bwd(do, q, k, v, o, lse, None, q.shape[-1] ** -0.5)
+    return dq.to(q.dtype), dk.to(k.dtype), dv.to(v.dtype)
 
 
 @flash_sdpa_backward.register_fake
