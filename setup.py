@@ -31,11 +31,11 @@ def _cuda_extension():
     if os.environ.get("SAPIENS2_BUILD_CUDA", "1") == "0":
         print("sapiens2: SAPIENS2_BUILD_CUDA=0, skipping the CUDA extension", file=sys.stderr)
         return [], {}
-    sources = sorted(glob.glob(os.path.join("csrc", "**", "*.cu"), recursive=True)) + sorted(
-        glob.glob(os.path.join("csrc", "**", "*.cpp"), recursive=True)
-    )
-    if not sources:
-        print("sapiens2: csrc/ has no kernel sources yet, no CUDA extension to build", file=sys.stderr)
+    # Kernels (torch-free .cu) + thin torch bindings; csrc/emu is the CPU emulation, not built here.
+    bindings = sorted(glob.glob(os.path.join("csrc", "bindings", "*.cpp")))
+    sources = sorted(glob.glob(os.path.join("csrc", "kernels", "*.cu"))) + bindings
+    if not bindings:
+        print("sapiens2: csrc/bindings has no torch bindings, no CUDA extension to build", file=sys.stderr)
         return [], {}
     try:
         import torch
@@ -59,8 +59,8 @@ def _cuda_extension():
         sources=sources,
         include_dirs=[os.path.join(HERE, "csrc")],
         extra_compile_args={
-            "cxx": ["-O3", "-std=c++17"],
-            "nvcc": ["-O3", "-std=c++17", "--use_fast_math", "-lineinfo"] + arch_flags,
+            "cxx": ["-O3", "-std=c++20"],
+            "nvcc": ["-O3", "-std=c++20", "--use_fast_math", "-lineinfo"] + arch_flags,
         },
     )
     return [ext], {"build_ext": BuildExtension.with_options(use_ninja=False)}

@@ -7,3 +7,11 @@ for _op in ("rms_norm", "rms_norm_backward", "add_rms_norm", "add_rms_norm_backw
             "swiglu_backward", "swiglu_recompute_backward", "qk_norm_rope", "qk_norm_rope_backward", "attention", "attention_backward",
             "window_attention", "window_attention_backward", "cls_pool", "cls_pool_backward"):
     register_impl(_op, "triton", "sapiens2.ops._triton", _op)
+
+# The hand-written CUDA kernels (csrc/, extension sapiens2._C); one adapter module per family.
+_CUDA_FAMILIES = {
+    "rms_norm": ("rms_norm", "rms_norm_backward", "add_rms_norm", "add_rms_norm_backward"),
+}
+for _family, _ops in _CUDA_FAMILIES.items():
+    for _op in _ops:
+        register_impl(_op, "cuda", f"sapiens2.ops.cuda.{_family}", _op)

@@ -8,7 +8,8 @@ extension ``sapiens2._C``). The choice is made per call, inside the custom op, f
   ``"cuda"`` or ``"auto"``. An op missing in the forced backend falls back to the reference with a
   one-time warning, or raises ``NotImplementedError`` when ``strict=True``.
 * ``"auto"`` (the default) — cuda (extension built, GPU tensors) > triton (GPU tensors) >
-  reference. It never picks the Triton interpreter: only an explicit ``use_backend("triton")``
+  reference. Inside ``sapiens2.ops.cuda.emulated()`` (tests) the ``"cuda"`` backend runs the same
+  CUDA kernel sources through the CPU emulation on CPU tensors; ``auto`` never picks it. It never picks the Triton interpreter: only an explicit ``use_backend("triton")``
   runs Triton kernels on CPU tensors, and only with ``TRITON_INTERPRET=1`` set.
 
 Forward ops return the same saved values whatever the backend (e.g. the fp32 inverse RMS), so a
@@ -87,6 +88,12 @@ def cuda_extension_available() -> bool:
     return True
 
 
+def _cuda_emulated() -> bool:
+    from .cuda import is_emulated
+
+    return is_emulated()
+
+
 def _runnable(backend: str, on_gpu: bool) -> tuple[bool, str]:
     if backend == "triton":
         if not triton_available():
@@ -95,6 +102,8 @@ def _runnable(backend: str, on_gpu: bool) -> tuple[bool, str]:
             return True, ""
         return False, "Triton kernels need CUDA tensors (or TRITON_INTERPRET=1 for CPU tensors)"
     if backend == "cuda":
+        if _cuda_emulated():  # tests: the same kernels through the CPU emulation, on CPU tensors
+            return (not on_gpu), "the emulated CUDA kernels run on CPU tensors"
         if not cuda_extension_available():
             return False, "the compiled extension sapiens2._C is not built"
         if on_gpu:

@@ -1,0 +1,552 @@
+// CPU emulation of the small subset of CUDA that the kernels in csrc/kernels use, so that the same
+// kernel sources run (and are compared with float64 references) on a machine without a GPU.
+//
+// Model:
+//   * the threads of a block are cooperative fibers (ucontext) on one OS thread, or, with
+//     -DSAPIENS2_EMU_THREADS, real host threads (build that variant with -fsanitize=thread to find
+//     shared-memory races: a missing __syncthreads becomes a reported data race);
+//   * blocks run one after another, so `__shared__` variables are plain statics (one copy, reused
+//     by every block, uninitialised in spirit exactly as on a GPU);
+//   * __syncthreads is a block barrier; a barrier that not every thread reaches is reported as a
+//     deadlock instead of hanging;
+//   * warp shuffles and ballots exchange values through a per-warp slot array and a warp barrier;
+//     only full-warp masks are supported (every kernel here keeps whole warps converged);
+//   * every global-memory access goes through gload/gstore (csrc/kernels/device_common.cuh), which
+//     count the bytes read and written per tracked buffer, byte by byte, so tests can assert that
+//     each input is read once and each output written once.
+//
+// Limits (documented in csrc/README.md): no tensor cores (mma/wgmma), no TMA, no async copies, no
+// clusters, no cooperative groups, no atomics beyond atomicAdd on float, no partial-warp masks,
+// blockDim a multiple of 32. Kernels that need those stay in Triton.
+#pragma once
+
+#ifndef SAPIENS2_EMU
+#error "cuda_emu.h is for the CPU emulation build only (define SAPIENS2_EMU)"
+#endif
+
+#include <cmath>
+#include <cstdint>
+#include <cstdio>
+#include <cstdlib>
+#include <cstring>
+#include <functional>
+#include <stdexcept>
+#include <string>
+#include <vector>
+
+#ifdef SAPIENS2_EMU_THREADS
+#include <condition_variable>
+#include <mutex>
+#include <thread>
+#else
+#include <ucontext.h>
+#endif
+
+// ------------------------------------------------------------------------------------------------
+// Qualifiers and launch geometry
+
+#define __global__
+#define __device__
+#define __host__
+#define __forceinline__ inline
+#define __launch_bounds__(...)
+#define __restrict__ __restrict
+#define __shared__ static
+#define __align__(n) alignas(n)
+
+struct dim3 {
+  unsigned x = 1, y = 1, z = 1;
+  constexpr dim3(unsigned x_ = 1, unsigned y_ = 1, unsigned z_ = 1) : x(x_), y(y_), z(z_) {}
+};
+typedef void* cudaStream_t;
+typedef int cudaError_t;
+static constexpr cudaError_t cudaSuccess = 0;
+static constexpr int warpSize = 32;
+
+namespace emu {
+
+struct ThreadState {
+  dim3 thread_idx;
+  unsigned linear = 0;
+};
+
+struct LaunchState {
+  dim3 grid, block, block_idx;
+  unsigned nthreads = 0;
+  std::vector<unsigned char> dynamic_smem;
+};
+
+inline LaunchState& launch_state() {
+  static LaunchState s;
+  return s;
+}
+
+#ifdef SAPIENS2_EMU_THREADS
+inline ThreadState*& current_thread() {
+  thread_local ThreadState* t = nullptr;
+  return t;
+}
+#else
+inline ThreadState*& current_thread() {
+  static ThreadState* t = nullptr;
+  return t;
+}
+#endif
+
+}  // namespace emu
+
+#define threadIdx (::emu::current_thread()->thread_idx)
+#define blockIdx (::emu::launch_state().block_idx)
+#define blockDim (::emu::launch_state().block)
+#define gridDim (::emu::launch_state().grid)
+
+// ------------------------------------------------------------------------------------------------
+// Global-memory accounting
+
+namespace emu {
+
+struct Tracked {
+  uintptr_t begin = 0, end = 0;
+  std::vector<uint16_t> reads, writes;  // per byte, saturating
+  uint64_t read_bytes = 0, write_bytes = 0;
+};
+
+struct Accounting {
+  std::vector<Tracked> buffers;
+  uint64_t untracked_reads = 0, untracked_writes = 0;
+#ifdef SAPIENS2_EMU_THREADS
+  std::mutex mu;
+#endif
+};
+
+inline Accounting& accounting() {
+  static Accounting a;
+  return a;
+}
+
+inline void count(const void* p, size_t bytes, bool write) {
+  Accounting& a = accounting();
+#ifdef SAPIENS2_EMU_THREADS
+  std::lock_guard<std::mutex> lock(a.mu);
+#endif
+  uintptr_t lo = reinterpret_cast<uintptr_t>(p);
+  for (Tracked& t : a.buffers) {
+    if (lo >= t.begin && lo + bytes <= t.end) {
+      auto& per_byte = write ? t.writes : t.reads;
+      for (size_t i = 0; i < bytes; ++i) {
+        uint16_t& c = per_byte[lo - t.begin + i];
+        if (c != 0xffff) ++c;
+      }
+      (write ? t.write_bytes : t.read_bytes) += bytes;
+      return;
+    }
+    if (lo < t.end && lo + bytes > t.begin)
+      throw std::runtime_error("emu: access straddles the end of a tracked buffer (out of bounds)");
+  }
+  (write ? a.untracked_writes : a.untracked_reads) += bytes;
+}
+
+}  // namespace emu
+
+// ------------------------------------------------------------------------------------------------
+// Threads of a block: barriers and the scheduler
+
+namespace emu {
+
+[[noreturn]] inline void fail(const std::string& msg) { throw std::runtime_error("emu: " + msg); }
+
+#ifdef SAPIENS2_EMU_THREADS
+
+// A reusable barrier over `n` host threads (mutex + condition variable, which ThreadSanitizer
+// understands as synchronisation).
+struct Barrier {
+  std::mutex mu;
+  std::condition_variable cv;
+  unsigned n = 0, arrived = 0;
+  uint64_t generation = 0;
+  void wait() {
+    std::unique_lock<std::mutex> lock(mu);
+    uint64_t gen = generation;
+    if (++arrived == n) {
+      arrived = 0;
+      ++generation;
+      cv.notify_all();
+      return;
+    }
+    cv.wait(lock, [&] { return generation != gen; });
+  }
+};
+
+struct Block {
+  Barrier block_barrier;
+  std::vector<Barrier> warp_barriers;
+  std::vector<uint64_t> slots[2];  // shuffle exchange, double-buffered by warp-barrier parity
+  std::vector<unsigned> parity;    // per thread
+};
+
+inline Block*& block() {
+  static Block* b = nullptr;
+  return b;
+}
+
+inline void syncthreads() { block()->block_barrier.wait(); }
+inline void warp_barrier(unsigned warp) { block()->warp_barriers[warp].wait(); }
+
+template <class Kernel>
+void run_grid(const Kernel& body) {
+  LaunchState& L = launch_state();
+  Block b;
+  b.block_barrier.n = L.nthreads;
+  b.warp_barriers = std::vector<Barrier>(L.nthreads / 32);
+  for (auto& w : b.warp_barriers) w.n = 32;
+  b.slots[0].assign(L.nthreads, 0);
+  b.slots[1].assign(L.nthreads, 0);
+  b.parity.assign(L.nthreads, 0);
+  block() = &b;
+  for (unsigned bz = 0; bz < L.grid.z; ++bz)
+    for (unsigned by = 0; by < L.grid.y; ++by)
+      for (unsigned bx = 0; bx < L.grid.x; ++bx) {
+        L.block_idx = dim3(bx, by, bz);
+        std::vector<std::thread> threads;
+        std::vector<ThreadState> states(L.nthreads);
+        std::exception_ptr error;
+        std::mutex error_mu;
+        for (unsigned t = 0; t < L.nthreads; ++t) {
+          states[t].linear = t;
+          states[t].thread_idx = dim3(t % L.block.x, (t / L.block.x) % L.block.y, t / (L.block.x * L.block.y));
+          threads.emplace_back([&, t] {
+            current_thread() = &states[t];
+            try {
+              body();
+            } catch (...) {
+              std::lock_guard<std::mutex> lock(error_mu);
+              error = std::current_exception();
+            }
+          });
+        }
+        for (auto& th : threads) th.join();
+        if (error) std::rethrow_exception(error);
+      }
+  block() = nullptr;
+}
+
+#else  // cooperative fibers
+
+enum class Wait : uint8_t { none, block, warp, done };
+
+struct Fiber {
+  ucontext_t ctx;
+  ThreadState state;
+  Wait wait = Wait::none;
+  uint64_t generation = 0;  // generation of the barrier it waits on
+  std::vector<char> stack;
+};
+
+struct Block {
+  std::vector<Fiber> fibers;
+  ucontext_t scheduler;
+  Fiber* running = nullptr;
+  unsigned block_arrived = 0;
+  uint64_t block_generation = 0;
+  std::vector<unsigned> warp_arrived;
+  std::vector<uint64_t> warp_generation;
+  std::vector<uint64_t> slots[2];
+  std::vector<unsigned> parity;
+  const std::function<void()>* body = nullptr;
+  std::exception_ptr error;
+  bool reverse = false;  // resume threads in reverse order (shakes out missing barriers)
+};
+
+inline Block*& block() {
+  static Block* b = nullptr;
+  return b;
+}
+
+inline bool& reverse_schedule() {
+  static bool r = false;
+  return r;
+}
+
+inline void yield() {
+  Block* b = block();
+  swapcontext(&b->running->ctx, &b->scheduler);
+}
+
+inline void syncthreads() {
+  Block* b = block();
+  Fiber* f = b->running;
+  uint64_t gen = b->block_generation;
+  if (++b->block_arrived == b->fibers.size()) {
+    b->block_arrived = 0;
+    ++b->block_generation;
+    return;
+  }
+  f->wait = Wait::block;
+  f->generation = gen;
+  while (b->block_generation == gen) yield();
+  f->wait = Wait::none;
+}
+
+inline void warp_barrier(unsigned warp) {
+  Block* b = block();
+  Fiber* f = b->running;
+  uint64_t gen = b->warp_generation[warp];
+  if (++b->warp_arrived[warp] == 32) {
+    b->warp_arrived[warp] = 0;
+    ++b->warp_generation[warp];
+    return;
+  }
+  f->wait = Wait::warp;
+  f->generation = gen;
+  while (b->warp_generation[warp] == gen) yield();
+  f->wait = Wait::none;
+}
+
+inline void fiber_entry() {
+  Block* b = block();
+  try {
+    (*b->body)();
+  } catch (...) {
+    if (!b->error) b->error = std::current_exception();
+  }
+  b->running->wait = Wait::done;
+  swapcontext(&b->running->ctx, &b->scheduler);
+}
+
+template <class Kernel>
+void run_grid(const Kernel& kernel_body) {
+  LaunchState& L = launch_state();
+  const std::function<void()> body = kernel_body;
+  Block b;
+  b.body = &body;
+  b.reverse = reverse_schedule();
+  b.fibers.resize(L.nthreads);
+  b.warp_arrived.assign(L.nthreads / 32, 0);
+  b.warp_generation.assign(L.nthreads / 32, 0);
+  b.slots[0].assign(L.nthreads, 0);
+  b.slots[1].assign(L.nthreads, 0);
+  b.parity.assign(L.nthreads, 0);
+  for (unsigned t = 0; t < L.nthreads; ++t) {
+    b.fibers[t].state.linear = t;
+    b.fibers[t].state.thread_idx = dim3(t % L.block.x, (t / L.block.x) % L.block.y, t / (L.block.x * L.block.y));
+    b.fibers[t].stack.resize(256 * 1024);
+  }
+  block() = &b;
+  for (unsigned bz = 0; bz < L.grid.z; ++bz)
+    for (unsigned by = 0; by < L.grid.y; ++by)
+      for (unsigned bx = 0; bx < L.grid.x; ++bx) {
+        L.block_idx = dim3(bx, by, bz);
+        for (Fiber& f : b.fibers) {
+          getcontext(&f.ctx);
+          f.ctx.uc_stack.ss_sp = f.stack.data();
+          f.ctx.uc_stack.ss_size = f.stack.size();
+          f.ctx.uc_link = nullptr;
+          makecontext(&f.ctx, fiber_entry, 0);
+          f.wait = Wait::none;
+        }
+        b.block_arrived = 0;
+        std::fill(b.warp_arrived.begin(), b.warp_arrived.end(), 0u);
+        unsigned done = 0;
+        while (done < L.nthreads) {
+          bool progressed = false;
+          for (unsigned i = 0; i < L.nthreads; ++i) {
+            Fiber& f = b.fibers[b.reverse ? L.nthreads - 1 - i : i];
+            if (f.wait == Wait::done) continue;
+            // A waiting fiber only runs once its barrier has moved on.
+            if (f.wait == Wait::block && b.block_generation == f.generation) continue;
+            if (f.wait == Wait::warp && b.warp_generation[f.state.linear / 32] == f.generation) continue;
+            b.running = &f;
+            current_thread() = &f.state;
+            swapcontext(&b.scheduler, &f.ctx);
+            progressed = true;
+            if (f.wait == Wait::done) ++done;
+            if (b.error) break;
+          }
+          if (b.error) break;
+          if (!progressed && done < L.nthreads) {
+            block() = nullptr;
+            fail("deadlock: some threads wait at a barrier that others never reach (divergent __syncthreads "
+                 "or shuffle)");
+          }
+        }
+        if (b.error) {
+          block() = nullptr;
+          std::rethrow_exception(b.error);
+        }
+        if (b.block_arrived != 0) {
+          block() = nullptr;
+          fail("a block finished with threads still waiting at __syncthreads");
+        }
+      }
+  block() = nullptr;
+}
+
+#endif
+
+inline std::string& last_error() {
+  static std::string e;
+  return e;
+}
+
+// Launch `kernel(args...)` over grid x block, blocks one after another.
+template <class... Params, class... Args>
+void launch(void (*kernel)(Params...), dim3 grid, dim3 block_dim, size_t dynamic_smem, Args... args) {
+  LaunchState& L = launch_state();
+  L.grid = grid;
+  L.block = block_dim;
+  L.nthreads = block_dim.x * block_dim.y * block_dim.z;
+  if (L.nthreads == 0 || L.nthreads % 32 != 0 || L.nthreads > 1024)
+    fail("blockDim must hold a multiple of 32 threads, at most 1024 (got " + std::to_string(L.nthreads) + ")");
+  if (grid.x == 0 || grid.y == 0 || grid.z == 0) return;
+  if (grid.y > 65535 || grid.z > 65535) fail("gridDim.y and gridDim.z must be at most 65535");
+  if (dynamic_smem > 227 * 1024) fail("dynamic shared memory above the 227 KiB per block of sm_90");
+  L.dynamic_smem.assign(dynamic_smem, 0);
+  try {
+    run_grid([&] { kernel(args...); });
+  } catch (const std::exception& e) {
+    // Launchers are extern "C" and never throw: the failure becomes their status code, and the
+    // message stays here for s2emu_last_error().
+    if (last_error().empty()) last_error() = e.what();
+  }
+}
+
+// kOk (0) when every launch since the last call succeeded, else kLaunchFailed (4).
+inline int take_status() { return last_error().empty() ? 0 : 4; }
+
+inline void* dynamic_smem() { return launch_state().dynamic_smem.data(); }
+
+// ---- warp-level exchange ----------------------------------------------------------------------
+
+inline void check_full_mask(unsigned mask) {
+  if (mask != 0xffffffffu) fail("only full-warp masks (0xffffffff) are emulated");
+}
+
+template <class T>
+T shuffle_from(T v, unsigned (*src_of)(unsigned lane, unsigned arg, unsigned width), unsigned arg,
+               unsigned width) {
+  static_assert(sizeof(T) <= 8, "shuffle of a type wider than 8 bytes");
+  Block* b = block();
+  unsigned me = current_thread()->linear;
+  unsigned warp = me / 32, lane = me % 32;
+  unsigned p = b->parity[me];
+  b->parity[me] ^= 1u;
+  uint64_t raw = 0;
+  std::memcpy(&raw, &v, sizeof(T));
+  b->slots[p][me] = raw;
+  warp_barrier(warp);
+  unsigned src = src_of(lane, arg, width);
+  T out;
+  uint64_t got = b->slots[p][warp * 32 + src];
+  std::memcpy(&out, &got, sizeof(T));
+  return out;
+}
+
+inline unsigned src_xor(unsigned lane, unsigned m, unsigned width) {
+  unsigned s = lane ^ m;
+  return (s / width == lane / width) ? s : lane;
+}
+inline unsigned src_down(unsigned lane, unsigned d, unsigned width) {
+  unsigned s = lane + d;
+  return (s / width == lane / width && s < 32) ? s : lane;
+}
+inline unsigned src_up(unsigned lane, unsigned d, unsigned width) {
+  return (lane % width >= d) ? lane - d : lane;
+}
+inline unsigned src_idx(unsigned lane, unsigned s, unsigned width) { return (lane / width) * width + s % width; }
+
+}  // namespace emu
+
+inline void __syncthreads() { emu::syncthreads(); }
+inline void __syncwarp(unsigned mask = 0xffffffffu) {
+  emu::check_full_mask(mask);
+  emu::warp_barrier(emu::current_thread()->linear / 32);
+}
+
+template <class T>
+T __shfl_xor_sync(unsigned mask, T v, int lane_mask, int width = 32) {
+  emu::check_full_mask(mask);
+  return emu::shuffle_from(v, emu::src_xor, unsigned(lane_mask), unsigned(width));
+}
+template <class T>
+T __shfl_down_sync(unsigned mask, T v, unsigned delta, int width = 32) {
+  emu::check_full_mask(mask);
+  return emu::shuffle_from(v, emu::src_down, delta, unsigned(width));
+}
+template <class T>
+T __shfl_up_sync(unsigned mask, T v, unsigned delta, int width = 32) {
+  emu::check_full_mask(mask);
+  return emu::shuffle_from(v, emu::src_up, delta, unsigned(width));
+}
+template <class T>
+T __shfl_sync(unsigned mask, T v, int src_lane, int width = 32) {
+  emu::check_full_mask(mask);
+  return emu::shuffle_from(v, emu::src_idx, unsigned(src_lane), unsigned(width));
+}
+inline unsigned __ballot_sync(unsigned mask, int pred) {
+  emu::check_full_mask(mask);
+  unsigned bits = 0;
+  for (unsigned l = 0; l < 32; ++l) {
+    // Each lane publishes its predicate; every lane ends up with all 32 of them.
+    int p = __shfl_sync(mask, pred ? 1 : 0, int(l));
+    bits |= unsigned(p != 0) << l;
+  }
+  return bits;
+}
+
+// ---- math intrinsics --------------------------------------------------------------------------
+
+inline float rsqrtf(float x) { return 1.0f / std::sqrt(x); }
+inline float __expf(float x) { return std::exp(x); }
+inline float __logf(float x) { return std::log(x); }
+inline float __fdividef(float a, float b) { return a / b; }
+inline float __frcp_rn(float x) { return 1.0f / x; }
+inline float __saturatef(float x) { return x < 0.f ? 0.f : (x > 1.f ? 1.f : x); }
+inline float __fmaf_rn(float a, float b, float c) { return std::fma(a, b, c); }
+inline double rsqrt(double x) { return 1.0 / std::sqrt(x); }
+
+// atomicAdd: blocks run one at a time and fibers never interleave inside this call.
+inline float atomicAdd(float* address, float value) {
+#ifdef SAPIENS2_EMU_THREADS
+  static std::mutex mu;
+  std::lock_guard<std::mutex> lock(mu);
+#endif
+  emu::count(address, sizeof(float), false);
+  emu::count(address, sizeof(float), true);
+  float old = *address;
+  *address = old + value;
+  return old;
+}
+
+// ---- low-precision types (storage + round-to-nearest-even conversion, as cuda_bf16/fp16) ------
+
+struct __nv_bfloat16 {
+  uint16_t bits;
+};
+struct __half {
+  uint16_t bits;
+};
+
+inline float __bfloat162float(__nv_bfloat16 h) {
+  uint32_t u = uint32_t(h.bits) << 16;
+  float f;
+  std::memcpy(&f, &u, 4);
+  return f;
+}
+inline __nv_bfloat16 __float2bfloat16(float f) {  // round to nearest even, NaN kept quiet
+  uint32_t u;
+  std::memcpy(&u, &f, 4);
+  if ((u & 0x7fffffffu) > 0x7f800000u) return __nv_bfloat16{uint16_t((u >> 16) | 0x40u)};
+  u += 0x7fffu + ((u >> 16) & 1u);
+  return __nv_bfloat16{uint16_t(u >> 16)};
+}
+inline float __half2float(__half h) {
+  _Float16 v;
+  std::memcpy(&v, &h.bits, 2);
+  return float(v);
+}
+inline __half __float2half(float f) {
+  _Float16 v = _Float16(f);  // IEEE round to nearest even
+  __half h;
+  std::memcpy(&h.bits, &v, 2);
+  return h;
+}

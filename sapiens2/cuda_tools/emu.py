@@ -1,0 +1,183 @@
+"""Run the CUDA kernels of ``csrc/kernels`` on the CPU through the emulation header.
+
+The same ``.cu`` sources that nvcc compiles for sm_80 / sm_90a are compiled here by the host C++
+compiler with ``-DSAPIENS2_EMU`` (``csrc/emu/cuda_emu.h`` supplies threads, barriers, shared
+memory and warp shuffles), linked into one shared library and called through its C API with
+ctypes. Tensors are CPU tensors; the emulator also counts the global-memory bytes every kernel
+reads and writes per tracked buffer::
+
+    lib = emu.load()
+    with emu.Traffic(x=x, y=y) as t:
+        lib.call("s2_rms_norm_fwd", ...)
+    t["x"].reads_each_byte  # (min, max) times any byte of x was read
+
+``load(threads=True)`` builds the host-thread variant (one OS thread per CUDA thread); add
+``sanitize=True`` for ThreadSanitizer, which then reports a missing ``__syncthreads`` as a data
+race (slow; not part of CI).
+"""
+
+from __future__ import annotations
+
+import ctypes
+import os
+import shutil
+import subprocess
+import tempfile
+from concurrent.futures import ThreadPoolExecutor
+from dataclasses import dataclass
+from pathlib import Path
+
+import torch
+
+from .sources import cache_dir, csrc_dir, kernel_sources, source_hash
+
+DTYPE_CODES = {torch.float32: 0, torch.float16: 1, torch.bfloat16: 2}
+
+
+class EmulationUnavailable(RuntimeError):
+    """No C++ compiler or no kernel sources: the emulation tests skip with this reason."""
+
+
+def _compiler() -> str:
+    cxx = os.environ.get("CXX") or shutil.which("g++") or shutil.which("c++")
+    if not cxx:
+        raise EmulationUnavailable("no C++ compiler (g++) found for the CUDA emulation build")
+    return cxx
+
+
+def build(threads: bool = False, sanitize: bool = False) -> Path:
+    """Compile (or reuse, keyed by a hash of the sources and flags) the emulation library."""
+    root = csrc_dir()
+    if root is None:
+        raise EmulationUnavailable("the CUDA kernel sources (csrc/) are not available")
+    cxx = _compiler()
+    flags = ["-std=c++17", "-O2", "-fPIC", "-DSAPIENS2_EMU", "-Wall", "-Wno-unknown-pragmas",
+             f"-I{root}"]
+    if threads:
+        flags += ["-DSAPIENS2_EMU_THREADS", "-pthread"]
+    if sanitize:
+        flags += ["-fsanitize=thread", "-g", "-O1"]
+    key = source_hash(root, " ".join([cxx] + flags))
+    out = cache_dir() / f"libs2emu-{key}.so"
+    if out.exists():
+        return out
+    units = kernel_sources(root) + [root / "emu" / "emu_capi.cpp"]
+    with tempfile.TemporaryDirectory() as tmp:
+        def compile_one(src: Path) -> Path:
+            obj = Path(tmp) / (src.stem + ".o")
+            r = subprocess.run([cxx, *flags, "-x", "c++", "-c", str(src), "-o", str(obj)],
+                               capture_output=True, text=True)
+            if r.returncode != 0:
+                raise RuntimeError(f"emulation build of {src.name} failed:\n{r.stderr}")
+            return obj
+
+        with ThreadPoolExecutor(max_workers=os.cpu_count() or 2) as pool:
+            objs = list(pool.map(compile_one, units))
+        link = [cxx, "-shared", *objs, "-o", str(out) + ".tmp"] + (["-fsanitize=thread"] if sanitize else []) + (
+            ["-pthread"] if threads else [])
+        r = subprocess.run([str(a) for a in link], capture_output=True, text=True)
+        if r.returncode != 0:
+            raise RuntimeError(f"emulation link failed:\n{r.stderr}")
+        os.replace(str(out) + ".tmp", out)
+    return out
+
+
+def _arg(a):
+    """ctypes argument for a Python value: tensors by data pointer, None as NULL."""
+    if a is None:
+        return ctypes.c_void_p(None)
+    if isinstance(a, torch.Tensor):
+        if a.device.type != "cpu":
+            raise ValueError("the emulation runs on CPU tensors")
+        return ctypes.c_void_p(a.data_ptr())
+    if isinstance(a, bool):
+        return ctypes.c_int(int(a))
+    if isinstance(a, int):
+        return ctypes.c_int64(a)
+    if isinstance(a, float):
+        return ctypes.c_float(a)
+    raise TypeError(f"unsupported argument {a!r}")
+
+
+class EmuLibrary:
+    """The loaded emulation library; ``call(name, *args)`` runs one launcher and raises with the
+    emulator's message (deadlock, out-of-bounds access, ...) when it fails."""
+
+    def __init__(self, path: Path):
+        self.path = path
+        self._lib = ctypes.CDLL(str(path))
+        self._lib.s2emu_last_error.restype = ctypes.c_char_p
+        self._lib.s2emu_track.restype = ctypes.c_int
+        self._lib.s2emu_track.argtypes = [ctypes.c_void_p, ctypes.c_uint64]
+
+    def fn(self, name: str):
+        return getattr(self._lib, name)
+
+    def call(self, name: str, *args, int_args: tuple[int, ...] = ()) -> None:
+        """Call launcher ``name``. Integers are passed as int64 except at the positions listed in
+        ``int_args`` (C ``int`` parameters: dtype codes, flags, program counts)."""
+        conv = [ctypes.c_int(a) if i in int_args else _arg(a) for i, a in enumerate(args)]
+        status = self.fn(name)(*conv)
+        if status != 0:
+            msg = self._lib.s2emu_last_error().decode()
+            self._lib.s2emu_reset()
+            raise RuntimeError(f"{name} returned status {status}" + (f": {msg}" if msg else ""))
+
+    def set_reverse(self, reverse: bool) -> None:
+        self._lib.s2emu_set_reverse(ctypes.c_int(int(reverse)))
+
+
+_loaded: dict[tuple[bool, bool], EmuLibrary] = {}
+
+
+def load(threads: bool = False, sanitize: bool = False) -> EmuLibrary:
+    key = (threads, sanitize)
+    if key not in _loaded:
+        _loaded[key] = EmuLibrary(build(threads, sanitize))
+    return _loaded[key]
+
+
+@dataclass
+class BufferTraffic:
+    nbytes: int
+    read_bytes: int
+    write_bytes: int
+    reads_each_byte: tuple[int, int]  # (least, most) times any byte was read
+    writes_each_byte: tuple[int, int]
+
+
+class Traffic:
+    """Context manager: track the named CPU tensors' storage while kernels run; afterwards
+    ``t[name]`` is a :class:`BufferTraffic` and ``t.untracked`` the bytes touched elsewhere."""
+
+    def __init__(self, lib: EmuLibrary, **tensors: torch.Tensor | None):
+        self.lib = lib
+        self.tensors = {k: v for k, v in tensors.items() if v is not None and v.numel() > 0}
+        self.stats: dict[str, BufferTraffic] = {}
+        self.untracked = (0, 0)
+
+    def __enter__(self):
+        L = self.lib._lib
+        L.s2emu_reset()
+        self._ids = {k: L.s2emu_track(ctypes.c_void_p(t.data_ptr()), ctypes.c_uint64(t.numel() * t.element_size()))
+                     for k, t in self.tensors.items()}
+        return self
+
+    def __exit__(self, *exc):
+        L = self.lib._lib
+        for k, i in self._ids.items():
+            rb, wb = ctypes.c_uint64(), ctypes.c_uint64()
+            lo_r, hi_r, lo_w, hi_w = (ctypes.c_uint32() for _ in range(4))
+            L.s2emu_stats(ctypes.c_int(i), ctypes.byref(rb), ctypes.byref(wb), ctypes.byref(lo_r), ctypes.byref(hi_r),
+                          ctypes.byref(lo_w), ctypes.byref(hi_w))
+            t = self.tensors[k]
+            self.stats[k] = BufferTraffic(t.numel() * t.element_size(), rb.value, wb.value, (lo_r.value, hi_r.value),
+                                          (lo_w.value, hi_w.value))
+        ur, uw = ctypes.c_uint64(), ctypes.c_uint64()
+        L.s2emu_untracked(ctypes.byref(ur), ctypes.byref(uw))
+        self.untracked = (ur.value, uw.value)
+        L.s2emu_reset()
+        return False
+
+    def __getitem__(self, name: str) -> BufferTraffic:
+        return self.stats[name]
