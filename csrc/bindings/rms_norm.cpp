@@ -125,8 +125,9 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor, at::Tensor> bwd_impl(
                                     ds.data_ptr(), programs, r.cols, s2b::stream()),
                       op);
   }
-  auto empty = h.new_empty({0});
-  return {residual ? dres : empty, dx.defined() ? dx : empty, dw, ds.defined() ? ds : empty};
+  // Absent outputs are distinct empty tensors (outputs of a custom op may not alias each other).
+  auto empty = [&] { return h.new_empty({0}); };
+  return {residual ? dres : empty(), dx.defined() ? dx : empty(), dw, ds.defined() ? ds : empty()};
 }
 
 std::tuple<at::Tensor, at::Tensor> rms_norm_bwd(const at::Tensor& dy, const at::Tensor& x, const at::Tensor& weight,

@@ -87,8 +87,10 @@ inline ThreadState*& current_thread() {
   return t;
 }
 #else
-inline ThreadState*& current_thread() {
-  static ThreadState* t = nullptr;
+// volatile: the scheduler changes it while a fiber sits in swapcontext; without it the compiler
+// may prove the (non-escaping) static unchanged across that call and keep a stale threadIdx.
+inline ThreadState* volatile& current_thread() {
+  static ThreadState* volatile t = nullptr;
   return t;
 }
 #endif
@@ -247,7 +249,7 @@ struct Block {
   ucontext_t scheduler;
   Fiber* running = nullptr;
   unsigned block_arrived = 0;
-  uint64_t block_generation = 0;
+  volatile uint64_t block_generation = 0;  // volatile: advanced by other fibers during a yield
   std::vector<unsigned> warp_arrived;
   std::vector<uint64_t> warp_generation;
   std::vector<uint64_t> slots[2];
@@ -298,7 +300,7 @@ inline void warp_barrier(unsigned warp) {
   }
   f->wait = Wait::warp;
   f->generation = gen;
-  while (b->warp_generation[warp] == gen) yield();
+  while (static_cast<volatile uint64_t*>(b->warp_generation.data())[warp] == gen) yield();
   f->wait = Wait::none;
 }
 

@@ -1,18 +1,19 @@
 // C API of the CPU emulation build, for the tests (ctypes): which buffers to account, the bytes
 // each kernel read and wrote in them, the schedule order, and the last launch error.
 #include "cuda_emu.h"
+#include "kernels/c_api.h"
 
 extern "C" {
 
 // Forget every tracked buffer and the last error.
-void s2emu_reset(void) {
+S2_API void s2emu_reset(void) {
   emu::accounting().buffers.clear();
   emu::accounting().untracked_reads = emu::accounting().untracked_writes = 0;
   emu::last_error().clear();
 }
 
 // Account accesses to [ptr, ptr + bytes); returns the buffer's index.
-int s2emu_track(const void* ptr, uint64_t bytes) {
+S2_API int s2emu_track(const void* ptr, uint64_t bytes) {
   emu::Tracked t;
   t.begin = reinterpret_cast<uintptr_t>(ptr);
   t.end = t.begin + bytes;
@@ -24,7 +25,7 @@ int s2emu_track(const void* ptr, uint64_t bytes) {
 
 // For buffer i: total bytes read / written, and the least and most times any byte was read /
 // written (min_* = 0 means some byte was never touched).
-void s2emu_stats(int i, uint64_t* read_bytes, uint64_t* write_bytes, uint32_t* min_reads, uint32_t* max_reads,
+S2_API void s2emu_stats(int i, uint64_t* read_bytes, uint64_t* write_bytes, uint32_t* min_reads, uint32_t* max_reads,
                  uint32_t* min_writes, uint32_t* max_writes) {
   const emu::Tracked& t = emu::accounting().buffers.at(size_t(i));
   *read_bytes = t.read_bytes;
@@ -43,14 +44,14 @@ void s2emu_stats(int i, uint64_t* read_bytes, uint64_t* write_bytes, uint32_t* m
 }
 
 // Bytes accessed outside every tracked buffer (a test tracks all its buffers, so this must be 0).
-void s2emu_untracked(uint64_t* reads, uint64_t* writes) {
+S2_API void s2emu_untracked(uint64_t* reads, uint64_t* writes) {
   *reads = emu::accounting().untracked_reads;
   *writes = emu::accounting().untracked_writes;
 }
 
 // 1: resume the threads of a block in reverse order (a result that changes with the order means a
 // missing barrier). Ignored by the host-thread build.
-void s2emu_set_reverse(int reverse) {
+S2_API void s2emu_set_reverse(int reverse) {
 #ifndef SAPIENS2_EMU_THREADS
   emu::reverse_schedule() = reverse != 0;
 #else
@@ -58,6 +59,6 @@ void s2emu_set_reverse(int reverse) {
 #endif
 }
 
-const char* s2emu_last_error(void) { return emu::last_error().c_str(); }
+S2_API const char* s2emu_last_error(void) { return emu::last_error().c_str(); }
 
 }  // extern "C"

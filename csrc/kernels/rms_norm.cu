@@ -135,32 +135,38 @@ __global__ void __launch_bounds__(max_threads_for(NV * VEC)) rms_norm_bwd_kernel
     dw[k * blockDim.x + threadIdx.x] = 0.0f;
     if (x_scale != nullptr) ds[k * blockDim.x + threadIdx.x] = 0.0f;
   }
-  for (int64_t row = blockIdx.x; row < rows; row += gridDim.x) {
+  // rstd is read once per row by thread 0 and shared (double-buffered by row parity: a slot is
+  // rewritten only two rows later, after a barrier every thread passes once it has read it).
+  __shared__ float row_rstd[2];
+  int parity = 0;
+  for (int64_t row = blockIdx.x; row < rows; row += gridDim.x, parity ^= 1) {
     const int64_t base = row * C;
-    const float rstd = gload(rstd_in + row);
-    float xh[NV][VEC], g[NV][VEC];
-    float dot = 0.0f;
+    if (threadIdx.x == 0) row_rstd[parity] = gload(rstd_in + row);
+    float hv[NV][VEC], d[NV][VEC];
+    float dot = 0.0f;  // sum(g * h); times rstd it is sum(g * xhat)
 #pragma unroll
     for (int i = 0; i < NV; ++i) {
       const int64_t c = (int64_t(i) * blockDim.x + threadIdx.x) * VEC;
-      float d[VEC];
-      load_row<T, VEC>(h + base, c, C, xh[i]);
-      load_row<T, VEC>(dy + base, c, C, d);
+      load_row<T, VEC>(h + base, c, C, hv[i]);
+      load_row<T, VEC>(dy + base, c, C, d[i]);
 #pragma unroll
-      for (int j = 0; j < VEC; ++j) {
-        xh[i][j] *= rstd;
-        g[i][j] = c + j < C ? d[j] * load_param(w, param_dtype, c + j) : 0.0f;
-        dw[(i * VEC + j) * blockDim.x + threadIdx.x] += d[j] * xh[i][j];
-        dot += g[i][j] * xh[i][j];
-      }
+      for (int j = 0; j < VEC; ++j)
+        if (c + j < C) dot += d[i][j] * load_param(w, param_dtype, c + j) * hv[i][j];
     }
-    const float mean_dot = block_sum(dot, scratch) / float(C);
+    const float total = block_sum(dot, scratch);  // its barriers also publish row_rstd
+    const float rstd = row_rstd[parity];
+    const float mean_dot = total * rstd / float(C);
 #pragma unroll
     for (int i = 0; i < NV; ++i) {
       const int64_t c = (int64_t(i) * blockDim.x + threadIdx.x) * VEC;
       float gh[VEC];
 #pragma unroll
-      for (int j = 0; j < VEC; ++j) gh[j] = rstd * (g[i][j] - xh[i][j] * mean_dot);
+      for (int j = 0; j < VEC; ++j) {
+        const float xh = hv[i][j] * rstd;
+        const float g = c + j < C ? d[i][j] * load_param(w, param_dtype, c + j) : 0.0f;
+        dw[(i * VEC + j) * blockDim.x + threadIdx.x] += d[i][j] * xh;
+        gh[j] = rstd * (g - xh * mean_dot);
+      }
       if (dh != nullptr) {
         float e[VEC];
         load_row<T, VEC>(dh + base, c, C, e);
@@ -319,8 +325,9 @@ int s2_rms_norm_fwd(int dtype, int param_dtype, const void* x, const void* resid
 int s2_rms_norm_bwd(int dtype, int param_dtype, const void* dy, const void* dh, const void* x, const void* h,
                     const void* x_scale, const void* w, const float* rstd, void* dx, void* dres, float* dw_part,
                     float* ds_part, int64_t rows, int64_t cols, int programs, void* stream) {
-  if (rows <= 0) return s2::kOk;
-  if (programs <= 0 || cols <= 0 || (x_scale != nullptr && (dres == nullptr || ds_part == nullptr))) return s2::kBadShape;
+  // No early return for rows == 0: every block still writes its (zero) partial rows.
+  if (rows < 0 || programs <= 0 || cols <= 0 || (x_scale != nullptr && (dres == nullptr || ds_part == nullptr)))
+    return s2::kBadShape;
   S2_DISPATCH_DTYPE(dtype, T, return s2::bwd<T>(dy, dh, x, h, x_scale, w, param_dtype, rstd, dx, dres, dw_part,
                                                 ds_part, rows, cols, programs, stream));
   return s2::kBadDType;

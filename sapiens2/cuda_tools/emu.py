@@ -51,7 +51,7 @@ def build(threads: bool = False, sanitize: bool = False) -> Path:
     if root is None:
         raise EmulationUnavailable("the CUDA kernel sources (csrc/) are not available")
     cxx = _compiler()
-    flags = ["-std=c++17", "-O2", "-fPIC", "-DSAPIENS2_EMU", "-Wall", "-Wno-unknown-pragmas",
+    flags = ["-std=c++17", "-O2", "-fPIC", "-fvisibility=hidden", "-DSAPIENS2_EMU", "-Wall", "-Wno-unknown-pragmas",
              f"-I{root}"]
     if threads:
         flags += ["-DSAPIENS2_EMU_THREADS", "-pthread"]

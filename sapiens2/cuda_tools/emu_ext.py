@@ -29,7 +29,7 @@ def _flags(root: Path) -> list[str]:
     from torch.utils.cpp_extension import include_paths
 
     abi = int(torch._C._GLIBCXX_USE_CXX11_ABI)
-    return (["-std=c++20", "-O1", "-fPIC", "-DSAPIENS2_EMU", "-Wno-unknown-pragmas", f"-D_GLIBCXX_USE_CXX11_ABI={abi}",
+    return (["-std=c++20", "-O1", "-fPIC", "-fvisibility=hidden", "-DSAPIENS2_EMU", "-Wno-unknown-pragmas", f"-D_GLIBCXX_USE_CXX11_ABI={abi}",
              f"-I{root}", f"-I{sysconfig.get_paths()['include']}"] + [f"-I{p}" for p in include_paths()])
 
 
