@@ -49,10 +49,10 @@ def _bwd_kernel(DY, X12, DX12, F, BLOCK: tl.constexpr, INTERPRET: tl.constexpr):
 
 @triton.jit
 def _recompute_bwd_kernel(DS, X12, S, DX12, DB_PART, M, F, rows_per_program, BIAS: tl.constexpr,
-                          BLOCK: tl.constexpr, INTERPRET: tl.constexpr):
-    """FFN backward pass over x12: s = swiglu(x12) (for dW3), dx12, and per-program partial sums of
-    dx12 over this program's rows (the w12 bias gradient): one read of x12 and ds, one write of s
-    and dx12."""
+                          BLOCK: tl.constexpr, INTERPRET: tl.constexpr, WRITE_S: tl.constexpr = True):
+    """FFN backward pass over x12: s = swiglu(x12) (for dW3; skipped when the caller kept s,
+    ``WRITE_S=False``), dx12, and per-program partial sums of dx12 over this program's rows (the w12
+    bias gradient): one read of x12 and ds, one write of s and dx12."""
     cols = tl.program_id(1) * BLOCK + tl.arange(0, BLOCK)
     m = cols < F
     da_acc = tl.zeros([BLOCK], dtype=tl.float32)
@@ -67,7 +67,8 @@ def _recompute_bwd_kernel(DS, X12, S, DX12, DB_PART, M, F, rows_per_program, BIA
             sg = tl.sigmoid(a)
             da = g * b * sg * (1.0 + a * (1.0 - sg))
             db = g * a * sg
-            tl.store(S + row * F + cols, store_val(a * sg * b, S.dtype.element_ty, INTERPRET), mask=m)
+            if WRITE_S:
+                tl.store(S + row * F + cols, store_val(a * sg * b, S.dtype.element_ty, INTERPRET), mask=m)
             da = round_to(da, DX12.dtype.element_ty, INTERPRET)  # the bias gradient sums what is stored
             db = round_to(db, DX12.dtype.element_ty, INTERPRET)
             tl.store(DX12 + row * 2 * F + cols, store_val(da, DX12.dtype.element_ty, INTERPRET), mask=m)
@@ -127,6 +128,24 @@ def swiglu_recompute_bwd(ds: torch.Tensor, x12: torch.Tensor, bias_grad: bool):
     return s, dx12, db
 
 
+def swiglu_bias_bwd(ds: torch.Tensor, x12: torch.Tensor):
+    """ds (M, F), x12 (M, 2F) -> (dx12 (M, 2F), db12 (2F,)): the recompute kernel without writing s
+    (for callers that kept the hidden activation)."""
+    check_dtype(ds, x12)
+    assert ds.is_contiguous() and x12.is_contiguous()
+    M, F2 = x12.shape
+    F = F2 // 2
+    dx12 = torch.empty_like(x12)
+    sms = torch.cuda.get_device_properties(x12.device).multi_processor_count if x12.is_cuda else 8
+    cols = triton.cdiv(F, BLOCK_F) if F else 1
+    P = max(1, min(M, triton.cdiv(4 * sms, cols)))
+    part = torch.zeros(P, F2, device=x12.device, dtype=torch.float32)
+    if M and F:
+        _recompute_bwd_kernel[(P, cols)](ds, x12, dx12, dx12, part, M, F, triton.cdiv(M, P), BIAS=True,
+                                         BLOCK=BLOCK_F, INTERPRET=INTERPRET, WRITE_S=False, num_warps=NUM_WARPS)
+    return dx12, part.sum(0).to(x12.dtype)
+
+
 def shipped_configs(dtypes=(torch.bfloat16, torch.float16)):
     from ._aot import entry
 
@@ -138,5 +157,8 @@ def shipped_configs(dtypes=(torch.bfloat16, torch.float16)):
         for bias in (False, True):
             out.append(entry(f"swiglu_recompute_bwd[{SHORT[dt]},bias={bias}]", _recompute_bwd_kernel,
                              {"DS": dt, "X12": dt, "S": dt, "DX12": dt, "DB_PART": torch.float32, "M": "i32",
-                              "F": "i32", "rows_per_program": "i32"}, {**cx, "BIAS": bias}, NUM_WARPS))
+                              "F": "i32", "rows_per_program": "i32"}, {**cx, "BIAS": bias, "WRITE_S": True}, NUM_WARPS))
+        out.append(entry(f"swiglu_bias_bwd[{SHORT[dt]}]", _recompute_bwd_kernel,
+                         {"DS": dt, "X12": dt, "S": dt, "DX12": dt, "DB_PART": torch.float32, "M": "i32",
+                          "F": "i32", "rows_per_program": "i32"}, {**cx, "BIAS": True, "WRITE_S": False}, NUM_WARPS))
     return out

@@ -118,9 +118,10 @@ def _window_rows(pid, NH, nW, nWc, gw, L, WINDOW: tl.constexpr, GRID: tl.constex
     """Row bookkeeping of one (window, head) program.
 
     Returns ``is_tok`` (tile row ``r`` is one of the window's ``w*w`` tokens; only false for padding
-    when ``w*w`` is not a power of two), ``tok_row`` (int64 row into the flattened ``(B*L*heads)``
-    token rows), ``l`` (token index in the sequence), ``b``, ``pre_row`` (int64 row into the
-    flattened ``(B*nW*heads)`` prefix / lse rows).
+    when ``w*w`` is not a power of two), ``tok`` (int64 ``b*L + l``: the token's row in a
+    ``(B*L, ...)`` tensor), ``l`` (token index in the sequence), ``b``, ``h`` (the head), ``bw``
+    (int64 ``b*nW + window``: the prefix row) and ``pre_row`` (int64 row into the flattened
+    ``(B*nW*heads)`` lse rows).
     """
     N: tl.constexpr = WINDOW * WINDOW
     h = pid % NH
@@ -136,9 +137,9 @@ def _window_rows(pid, NH, nW, nWc, gw, L, WINDOW: tl.constexpr, GRID: tl.constex
         l = (wi * WINDOW + r // WINDOW) * gw + wj * WINDOW + r % WINDOW
     else:
         l = widx * N + r
-    tok_row = (b.to(tl.int64) * L + l) * NH + h
+    tok = b.to(tl.int64) * L + l
     pre_row = bw.to(tl.int64) * NH + h
-    return is_tok, tok_row, l, b, pre_row
+    return is_tok, tok, l, b, h, bw.to(tl.int64), pre_row
 
 
 @triton.jit
@@ -173,7 +174,7 @@ def _colsum(w, x):
 
 @triton.jit
 def _wa_fwd_kernel(Q, K, V, PQ, PK, PV, MASK, O, PO, LSE,
-                   L, NH, nW, nWc, gw, scale,
+                   L, NH, nW, nWc, gw, scale, s_tok, s_pre,
                    D: tl.constexpr, WINDOW: tl.constexpr, HAS_PREFIX: tl.constexpr, HAS_MASK: tl.constexpr,
                    GRID: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_D: tl.constexpr, USE_DOT: tl.constexpr,
                    INTERPRET: tl.constexpr):
@@ -181,21 +182,23 @@ def _wa_fwd_kernel(Q, K, V, PQ, PK, PV, MASK, O, PO, LSE,
     P: tl.constexpr = 1 if HAS_PREFIX else 0
     S: tl.constexpr = P + WINDOW * WINDOW
     pid = tl.program_id(0)
-    is_tok, tok_row, l, b, pre_row = _window_rows(pid, NH, nW, nWc, gw, L, WINDOW, GRID, BLOCK_N)
+    is_tok, tok, l, b, h, bw, pre_row = _window_rows(pid, NH, nW, nWc, gw, L, WINDOW, GRID, BLOCK_N)
     d = tl.arange(0, BLOCK_D)
     dmask = d < D
-    tok_off = tok_row[:, None] * D + d[None, :]
+    in_off = tok[:, None] * s_tok + h * D + d[None, :]  # q, k, v: token stride s_tok (packed qkv)
+    out_off = (tok[:, None] * NH + h) * D + d[None, :]  # o: contiguous
+    pin_off = bw * s_pre + h * D + d
     tok_mask = is_tok[:, None] & dmask[None, :]
     r = tl.arange(0, BLOCK_N)
 
-    q = _ld(Q + tok_off, tok_mask, INTERPRET)
-    k = _ld(K + tok_off, tok_mask, INTERPRET)
+    q = _ld(Q + in_off, tok_mask, INTERPRET)
+    k = _ld(K + in_off, tok_mask, INTERPRET)
     kvalid = _key_valid(MASK, is_tok, l, b, L, HAS_MASK)
     s = _mm_nt(q, k, USE_DOT) * scale
     s = tl.where(kvalid[None, :], s, float("-inf"))
     m = tl.max(s, axis=1)
     if HAS_PREFIX:
-        pk = _ld(PK + pre_row * D + d, dmask, INTERPRET)
+        pk = _ld(PK + pin_off, dmask, INTERPRET)
         s_tp = _rowdot(q, pk) * scale
         m = tl.maximum(m, s_tp)
     m = tl.where(m == float("-inf"), 0.0, m)  # a row without any valid key
@@ -207,18 +210,18 @@ def _wa_fwd_kernel(Q, K, V, PQ, PK, PV, MASK, O, PO, LSE,
     has_key = den > 0.0
     den = tl.where(has_key, den, 1.0)
 
-    v = _ld(V + tok_off, tok_mask, INTERPRET)
+    v = _ld(V + in_off, tok_mask, INTERPRET)
     acc = _mm_nn(as_operand(p, DT, INTERPRET), v, USE_DOT)
     if HAS_PREFIX:
-        pv = _ld(PV + pre_row * D + d, dmask, INTERPRET)
+        pv = _ld(PV + pin_off, dmask, INTERPRET)
         acc += p_tp[:, None] * pv.to(tl.float32)[None, :]
     o = tl.where(has_key[:, None], acc / den[:, None], 0.0)
-    _st(O + tok_off, o, tok_mask, INTERPRET)
+    _st(O + out_off, o, tok_mask, INTERPRET)
     lse = tl.where(has_key, m + tl.log(den), 0.0)
     tl.store(LSE + pre_row * S + P + r, lse, mask=is_tok)
 
     if HAS_PREFIX:  # the prefix query: its own key, then the (unmasked) window tokens
-        pq = _ld(PQ + pre_row * D + d, dmask, INTERPRET).to(tl.float32)
+        pq = _ld(PQ + pin_off, dmask, INTERPRET).to(tl.float32)
         s_pp = tl.sum(pq * pk.to(tl.float32), axis=0) * scale
         s_pt = tl.where(kvalid, _rowdot(k, pq) * scale, float("-inf"))
         m_p = tl.maximum(tl.max(s_pt, axis=0), s_pp)
@@ -233,7 +236,7 @@ def _wa_fwd_kernel(Q, K, V, PQ, PK, PV, MASK, O, PO, LSE,
 @triton.jit
 def _wa_bwd_kernel(DO, DPO, Q, K, V, PQ, PK, PV, MASK, O, PO, LSE,
                    DQ, DK, DV, DPQ, DPK, DPV,
-                   L, NH, nW, nWc, gw, scale,
+                   L, NH, nW, nWc, gw, scale, s_tok, s_pre, s_gtok, s_gpre,
                    D: tl.constexpr, WINDOW: tl.constexpr, HAS_PREFIX: tl.constexpr, HAS_DPO: tl.constexpr,
                    HAS_MASK: tl.constexpr, GRID: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_D: tl.constexpr,
                    USE_DOT: tl.constexpr, INTERPRET: tl.constexpr):
@@ -241,26 +244,30 @@ def _wa_bwd_kernel(DO, DPO, Q, K, V, PQ, PK, PV, MASK, O, PO, LSE,
     P: tl.constexpr = 1 if HAS_PREFIX else 0
     S: tl.constexpr = P + WINDOW * WINDOW
     pid = tl.program_id(0)
-    is_tok, tok_row, l, b, pre_row = _window_rows(pid, NH, nW, nWc, gw, L, WINDOW, GRID, BLOCK_N)
+    is_tok, tok, l, b, h, bw, pre_row = _window_rows(pid, NH, nW, nWc, gw, L, WINDOW, GRID, BLOCK_N)
     d = tl.arange(0, BLOCK_D)
     dmask = d < D
-    tok_off = tok_row[:, None] * D + d[None, :]
+    in_off = tok[:, None] * s_tok + h * D + d[None, :]  # q, k, v (packed qkv: s_tok = 3*heads*D)
+    g_off = tok[:, None] * s_gtok + h * D + d[None, :]  # dq, dk, dv (packed dqkv likewise)
+    out_off = (tok[:, None] * NH + h) * D + d[None, :]  # o, do: contiguous
     tok_mask = is_tok[:, None] & dmask[None, :]
     r = tl.arange(0, BLOCK_N)
-    pre_off = pre_row * D + d
+    pre_off = (bw * NH + h) * D + d  # prefix o / do: contiguous
+    pin_off = bw * s_pre + h * D + d
+    pg_off = bw * s_gpre + h * D + d
 
     # delta = rowsum(dO * O) first, so O's tile dies early
-    do = _ld(DO + tok_off, tok_mask, INTERPRET)
-    delta = tl.sum(do.to(tl.float32) * _ld(O + tok_off, tok_mask, INTERPRET).to(tl.float32), axis=1)
-    q = _ld(Q + tok_off, tok_mask, INTERPRET)
-    k = _ld(K + tok_off, tok_mask, INTERPRET)
+    do = _ld(DO + out_off, tok_mask, INTERPRET)
+    delta = tl.sum(do.to(tl.float32) * _ld(O + out_off, tok_mask, INTERPRET).to(tl.float32), axis=1)
+    q = _ld(Q + in_off, tok_mask, INTERPRET)
+    k = _ld(K + in_off, tok_mask, INTERPRET)
     kvalid = _key_valid(MASK, is_tok, l, b, L, HAS_MASK)
     lse = tl.load(LSE + pre_row * S + P + r, mask=is_tok, other=0.0)
 
     s = _mm_nt(q, k, USE_DOT) * scale
     p = tl.where(kvalid[None, :] & is_tok[:, None], tl.exp(s - lse[:, None]), 0.0)
     dv = _mm_tn(as_operand(p, DT, INTERPRET), do, USE_DOT)
-    v = _ld(V + tok_off, tok_mask, INTERPRET)
+    v = _ld(V + in_off, tok_mask, INTERPRET)
     dp = _mm_nt(do, v, USE_DOT)
     ds = p * (dp - delta[:, None]) * scale
     ds_op = as_operand(ds, DT, INTERPRET)
@@ -268,9 +275,9 @@ def _wa_bwd_kernel(DO, DPO, Q, K, V, PQ, PK, PV, MASK, O, PO, LSE,
     dk = _mm_tn(ds_op, q, USE_DOT)
 
     if HAS_PREFIX:
-        pq = _ld(PQ + pre_off, dmask, INTERPRET).to(tl.float32)
-        pk = _ld(PK + pre_off, dmask, INTERPRET).to(tl.float32)
-        pv = _ld(PV + pre_off, dmask, INTERPRET).to(tl.float32)
+        pq = _ld(PQ + pin_off, dmask, INTERPRET).to(tl.float32)
+        pk = _ld(PK + pin_off, dmask, INTERPRET).to(tl.float32)
+        pv = _ld(PV + pin_off, dmask, INTERPRET).to(tl.float32)
         if HAS_DPO:
             pdo = _ld(DPO + pre_off, dmask, INTERPRET).to(tl.float32)
         else:
@@ -289,13 +296,13 @@ def _wa_bwd_kernel(DO, DPO, Q, K, V, PQ, PK, PV, MASK, O, PO, LSE,
         dq += ds_tp[:, None] * pk[None, :]
         dk += ds_pt[:, None] * pq[None, :]
         dv += p_pt[:, None] * pdo[None, :]
-        _st(DPQ + pre_off, _colsum(ds_pt, k) + ds_pp * pk, dmask, INTERPRET)
-        _st(DPK + pre_off, _colsum(ds_tp, q) + ds_pp * pq, dmask, INTERPRET)
-        _st(DPV + pre_off, _colsum(p_tp, do) + p_pp * pdo, dmask, INTERPRET)
+        _st(DPQ + pg_off, _colsum(ds_pt, k) + ds_pp * pk, dmask, INTERPRET)
+        _st(DPK + pg_off, _colsum(ds_tp, q) + ds_pp * pq, dmask, INTERPRET)
+        _st(DPV + pg_off, _colsum(p_tp, do) + p_pp * pdo, dmask, INTERPRET)
 
-    _st(DQ + tok_off, dq, tok_mask, INTERPRET)
-    _st(DK + tok_off, dk, tok_mask, INTERPRET)
-    _st(DV + tok_off, dv, tok_mask, INTERPRET)
+    _st(DQ + g_off, dq, tok_mask, INTERPRET)
+    _st(DK + g_off, dk, tok_mask, INTERPRET)
+    _st(DV + g_off, dv, tok_mask, INTERPRET)
 
 
 # ----------------------------------------------------------------------------------------------
@@ -304,65 +311,69 @@ def _wa_bwd_kernel(DO, DPO, Q, K, V, PQ, PK, PV, MASK, O, PO, LSE,
 
 @triton.jit
 def _cls_fwd_kernel(CQ, CK, CV, K, V, O, LSE,
-                    L, NH, nW, nWc, gw, scale,
+                    L, NH, nW, nWc, gw, scale, s_tok, s_pre,
                     D: tl.constexpr, WINDOW: tl.constexpr, GRID: tl.constexpr, BLOCK_N: tl.constexpr,
                     BLOCK_D: tl.constexpr, INTERPRET: tl.constexpr):
     pid = tl.program_id(0)
-    is_tok, tok_row, l, b, pre_row = _window_rows(pid, NH, nW, nWc, gw, L, WINDOW, GRID, BLOCK_N)
+    is_tok, tok, l, b, h, bw, pre_row = _window_rows(pid, NH, nW, nWc, gw, L, WINDOW, GRID, BLOCK_N)
     d = tl.arange(0, BLOCK_D)
     dmask = d < D
-    tok_off = tok_row[:, None] * D + d[None, :]
+    in_off = tok[:, None] * s_tok + h * D + d[None, :]  # k, v (packed kv: s_tok = 2*heads*D)
     tok_mask = is_tok[:, None] & dmask[None, :]
-    pre_off = pre_row * D + d
+    pin_off = bw * s_pre + h * D + d  # cls q, k, v (packed: s_pre = 3*heads*D)
+    out_off = (bw * NH + h) * D + d
 
-    cq = _ld(CQ + pre_off, dmask, INTERPRET).to(tl.float32)
-    ck = _ld(CK + pre_off, dmask, INTERPRET).to(tl.float32)
-    k = _ld(K + tok_off, tok_mask, INTERPRET)
+    cq = _ld(CQ + pin_off, dmask, INTERPRET).to(tl.float32)
+    ck = _ld(CK + pin_off, dmask, INTERPRET).to(tl.float32)
+    k = _ld(K + in_off, tok_mask, INTERPRET)
     s = tl.where(is_tok, _rowdot(k, cq) * scale, float("-inf"))
     s_c = tl.sum(cq * ck, axis=0) * scale
     m = tl.maximum(tl.max(s, axis=0), s_c)
     p = tl.where(is_tok, tl.exp(s - m), 0.0)
     p_c = tl.exp(s_c - m)
     den = tl.sum(p, axis=0) + p_c
-    v = _ld(V + tok_off, tok_mask, INTERPRET)
-    cv = _ld(CV + pre_off, dmask, INTERPRET).to(tl.float32)
+    v = _ld(V + in_off, tok_mask, INTERPRET)
+    cv = _ld(CV + pin_off, dmask, INTERPRET).to(tl.float32)
     o = (_colsum(p, v) + p_c * cv) / den
-    _st(O + pre_off, o, dmask, INTERPRET)
+    _st(O + out_off, o, dmask, INTERPRET)
     tl.store(LSE + pre_row, m + tl.log(den))
 
 
 @triton.jit
 def _cls_bwd_kernel(DO, CQ, CK, CV, K, V, O, LSE, DCQ, DCK, DCV, DK, DV,
-                    L, NH, nW, nWc, gw, scale,
+                    L, NH, nW, nWc, gw, scale, s_tok, s_pre, s_gtok, s_gpre,
                     D: tl.constexpr, WINDOW: tl.constexpr, GRID: tl.constexpr, BLOCK_N: tl.constexpr,
                     BLOCK_D: tl.constexpr, INTERPRET: tl.constexpr):
     pid = tl.program_id(0)
-    is_tok, tok_row, l, b, pre_row = _window_rows(pid, NH, nW, nWc, gw, L, WINDOW, GRID, BLOCK_N)
+    is_tok, tok, l, b, h, bw, pre_row = _window_rows(pid, NH, nW, nWc, gw, L, WINDOW, GRID, BLOCK_N)
     d = tl.arange(0, BLOCK_D)
     dmask = d < D
-    tok_off = tok_row[:, None] * D + d[None, :]
+    in_off = tok[:, None] * s_tok + h * D + d[None, :]
+    g_off = tok[:, None] * s_gtok + h * D + d[None, :]
     tok_mask = is_tok[:, None] & dmask[None, :]
-    pre_off = pre_row * D + d
+    out_off = (bw * NH + h) * D + d  # o, do: contiguous
+    pin_off = bw * s_pre + h * D + d
+    pg_off = bw * s_gpre + h * D + d
 
-    do = _ld(DO + pre_off, dmask, INTERPRET).to(tl.float32)
-    delta = tl.sum(do * _ld(O + pre_off, dmask, INTERPRET).to(tl.float32), axis=0)
-    cq = _ld(CQ + pre_off, dmask, INTERPRET).to(tl.float32)
-    ck = _ld(CK + pre_off, dmask, INTERPRET).to(tl.float32)
-    cv = _ld(CV + pre_off, dmask, INTERPRET).to(tl.float32)
+    do = _ld(DO + out_off, dmask, INTERPRET).to(tl.float32)
+    delta = tl.sum(do * _ld(O + out_off, dmask, INTERPRET).to(tl.float32), axis=0)
+    cq = _ld(CQ + pin_off, dmask, INTERPRET).to(tl.float32)
+    ck = _ld(CK + pin_off, dmask, INTERPRET).to(tl.float32)
+    cv = _ld(CV + pin_off, dmask, INTERPRET).to(tl.float32)
     lse = tl.load(LSE + pre_row)
 
-    k = _ld(K + tok_off, tok_mask, INTERPRET)
+    k = _ld(K + in_off, tok_mask, INTERPRET)
     p = tl.where(is_tok, tl.exp(_rowdot(k, cq) * scale - lse), 0.0)
     p_c = tl.exp(tl.sum(cq * ck, axis=0) * scale - lse)
-    v = _ld(V + tok_off, tok_mask, INTERPRET)
+    v = _ld(V + in_off, tok_mask, INTERPRET)
     ds = p * (_rowdot(v, do) - delta) * scale
     ds_c = p_c * (tl.sum(cv * do, axis=0) - delta) * scale
 
-    _st(DK + tok_off, ds[:, None] * cq[None, :], tok_mask, INTERPRET)
-    _st(DV + tok_off, p[:, None] * do[None, :], tok_mask, INTERPRET)
-    _st(DCQ + pre_off, _colsum(ds, k) + ds_c * ck, dmask, INTERPRET)
-    _st(DCK + pre_off, ds_c * cq, dmask, INTERPRET)
-    _st(DCV + pre_off, p_c * do, dmask, INTERPRET)
+    _st(DK + g_off, ds[:, None] * cq[None, :], tok_mask, INTERPRET)
+    _st(DV + g_off, p[:, None] * do[None, :], tok_mask, INTERPRET)
+    _st(DCQ + pg_off, _colsum(ds, k) + ds_c * ck, dmask, INTERPRET)
+    _st(DCK + pg_off, ds_c * cq, dmask, INTERPRET)
+    _st(DCV + pg_off, p_c * do, dmask, INTERPRET)
 
 
 # ----------------------------------------------------------------------------------------------
@@ -411,6 +422,27 @@ def _c(x: Optional[torch.Tensor], dtype: torch.dtype) -> Optional[torch.Tensor]:
     return x.to(dtype).contiguous()
 
 
+def _rows(x: torch.Tensor, dtype: torch.dtype) -> tuple[torch.Tensor, int]:
+    """``(B, R, heads, D)`` q/k/v-like input and its row stride in elements. Rows may be strided
+    (q, k, v as views of one packed ``(B, R, 3, heads, D)`` projection output) as long as each
+    row's ``heads x D`` block is contiguous and the batch stride is R rows: then no copy is made."""
+    B, R, NH, D = x.shape
+    if x.dtype == dtype and x.stride(3) == 1 and x.stride(2) == D and x.stride(1) >= NH * D and (
+            B == 1 or x.stride(0) == R * x.stride(1)):
+        return x, x.stride(1)
+    return x.to(dtype).contiguous(), NH * D
+
+
+def _out_rows(shape, like: torch.Tensor, dtype, out: Optional[torch.Tensor]) -> tuple[torch.Tensor, int]:
+    """A gradient output: the caller's (possibly strided, e.g. a slot of a packed dqkv) view, or new."""
+    if out is None:
+        return torch.empty(shape, device=like.device, dtype=dtype), shape[2] * shape[3]
+    B, R, NH, D = out.shape
+    assert tuple(out.shape) == tuple(shape) and out.dtype == dtype, (out.shape, shape, out.dtype, dtype)
+    assert out.stride(3) == 1 and out.stride(2) == D and (B == 1 or out.stride(0) == R * out.stride(1))
+    return out, out.stride(1)
+
+
 def _geometry(L: int, grid_h: int, grid_w: int, window: int, layout: str):
     """(nW, nWc): windows per batch element, windows per grid row."""
     if layout not in ("grid", "windows"):
@@ -422,7 +454,8 @@ def _geometry(L: int, grid_h: int, grid_w: int, window: int, layout: str):
 
 
 def window_attention_fwd(q, k, v, prefix_q, prefix_k, prefix_v, token_mask, grid_h, grid_w, window, layout, scale):
-    """Returns (o, prefix_o, lse) exactly as ``sapiens2::window_attention``."""
+    """Returns (o, prefix_o, lse) exactly as ``sapiens2::window_attention``. q, k, v (and the
+    prefixes) may be row-strided views of packed projections (see ``_rows``)."""
     _check_dtype(q)
     dt = q.dtype
     B, L, NH, D = q.shape
@@ -431,8 +464,15 @@ def window_attention_fwd(q, k, v, prefix_q, prefix_k, prefix_v, token_mask, grid
     has_mask = token_mask is not None
     if has_mask and layout != "grid":
         raise ValueError("token_mask is only supported with layout='grid'")
-    q, k, v = _c(q, dt), _c(k, dt), _c(v, dt)
-    pq, pk, pv = (_c(p, dt) for p in (prefix_q, prefix_k, prefix_v))
+    (q, s_tok), (k, s_k), (v, s_v) = (_rows(x, dt) for x in (q, k, v))
+    if not s_tok == s_k == s_v:
+        (q, s_tok), (k, _), (v, _) = ((_c(x, dt), NH * D) for x in (q, k, v))
+    s_pre = NH * D
+    pq = pk = pv = q
+    if has_prefix:
+        (pq, s_pre), (pk, s_pk), (pv, s_pv) = (_rows(x, dt) for x in (prefix_q, prefix_k, prefix_v))
+        if not s_pre == s_pk == s_pv:
+            (pq, s_pre), (pk, _), (pv, _) = ((_c(x, dt), NH * D) for x in (prefix_q, prefix_k, prefix_v))
     S = window * window + (1 if has_prefix else 0)
     o = torch.empty((B, L, NH, D), device=q.device, dtype=dt)
     po = torch.empty((B, nW, NH, D), device=q.device, dtype=dt) if has_prefix else q.new_empty(0)
@@ -443,9 +483,8 @@ def window_attention_fwd(q, k, v, prefix_q, prefix_k, prefix_v, token_mask, grid
     mask = token_mask.contiguous().view(torch.uint8) if has_mask else q
     cfg = _config("fwd", window, D)
     _wa_fwd_kernel[(n_prog,)](
-        q, k, v, pq if has_prefix else q, pk if has_prefix else q, pv if has_prefix else q, mask,
-        o, po if has_prefix else o, lse,
-        L, NH, nW, nWc, grid_w, float(scale),
+        q, k, v, pq, pk, pv, mask, o, po if has_prefix else o, lse,
+        L, NH, nW, nWc, grid_w, float(scale), s_tok, s_pre,
         D=D, WINDOW=window, HAS_PREFIX=has_prefix, HAS_MASK=has_mask, GRID=layout == "grid",
         BLOCK_N=cfg["BLOCK_N"], BLOCK_D=cfg["BLOCK_D"], USE_DOT=cfg["USE_DOT"], INTERPRET=_INTERPRET,
         num_warps=cfg["num_warps"], num_stages=cfg["num_stages"],
@@ -454,8 +493,10 @@ def window_attention_fwd(q, k, v, prefix_q, prefix_k, prefix_v, token_mask, grid
 
 
 def window_attention_bwd(do, dprefix_o, q, k, v, prefix_q, prefix_k, prefix_v, token_mask, o, prefix_o, lse,
-                         grid_h, grid_w, window, layout, scale):
-    """Returns (dq, dk, dv, dprefix_q, dprefix_k, dprefix_v) exactly as ``sapiens2::window_attention_backward``."""
+                         grid_h, grid_w, window, layout, scale, grads_out=None, prefix_grads_out=None):
+    """Returns (dq, dk, dv, dprefix_q, dprefix_k, dprefix_v) exactly as
+    ``sapiens2::window_attention_backward``. ``grads_out`` / ``prefix_grads_out``: optional
+    (dq, dk, dv) views to write into (the slots of a packed dqkv), with one shared row stride."""
     _check_dtype(q)
     dt = q.dtype
     B, L, NH, D = q.shape
@@ -465,14 +506,26 @@ def window_attention_bwd(do, dprefix_o, q, k, v, prefix_q, prefix_k, prefix_v, t
     has_mask = token_mask is not None
     if has_mask and layout != "grid":
         raise ValueError("token_mask is only supported with layout='grid'")
-    q, k, v, do, o = (_c(x, dt) for x in (q, k, v, do, o))
-    pq, pk, pv, po = (_c(p, dt) if has_prefix else None for p in (prefix_q, prefix_k, prefix_v, prefix_o))
-    dpo = _c(dprefix_o, dt) if has_dpo else None
-    lse = lse.to(torch.float32).contiguous()
-    dq, dk, dv = (torch.empty((B, L, NH, D), device=q.device, dtype=dt) for _ in range(3))
+    (q, s_tok), (k, s_k), (v, s_v) = (_rows(x, dt) for x in (q, k, v))
+    if not s_tok == s_k == s_v:
+        (q, s_tok), (k, _), (v, _) = ((_c(x, dt), NH * D) for x in (q, k, v))
+    do, o = _c(do, dt), _c(o, dt)
+    s_pre = NH * D
+    pq = pk = pv = po = q
     if has_prefix:
-        dpq, dpk, dpv = (torch.empty((B, nW, NH, D), device=q.device, dtype=p.dtype)
-                         for p in (prefix_q, prefix_k, prefix_v))
+        (pq, s_pre), (pk, s_pk), (pv, s_pv) = (_rows(x, dt) for x in (prefix_q, prefix_k, prefix_v))
+        if not s_pre == s_pk == s_pv:
+            (pq, s_pre), (pk, _), (pv, _) = ((_c(x, dt), NH * D) for x in (prefix_q, prefix_k, prefix_v))
+        po = _c(prefix_o, dt)
+    dpo = _c(dprefix_o, dt) if has_dpo else do
+    lse = lse.to(torch.float32).contiguous()
+    outs = grads_out or (None, None, None)
+    (dq, s_gtok), (dk, s_dk), (dv, s_dv) = (_out_rows((B, L, NH, D), q, dt, t) for t in outs)
+    assert s_gtok == s_dk == s_dv
+    s_gpre = NH * D
+    if has_prefix:
+        pouts = prefix_grads_out or (None, None, None)
+        (dpq, s_gpre), (dpk, _), (dpv, _) = (_out_rows((B, nW, NH, D), q, dt, t) for t in pouts)
     else:
         dpq = dpk = dpv = q.new_empty(0)
     n_prog = B * nW * NH
@@ -480,11 +533,10 @@ def window_attention_bwd(do, dprefix_o, q, k, v, prefix_q, prefix_k, prefix_v, t
         return dq, dk, dv, dpq, dpk, dpv
     mask = token_mask.contiguous().view(torch.uint8) if has_mask else q
     cfg = _config("bwd", window, D)
-    alt = (lambda x: x if has_prefix else q)
     _wa_bwd_kernel[(n_prog,)](
-        do, dpo if has_dpo else do, q, k, v, alt(pq), alt(pk), alt(pv), mask, o, alt(po), lse,
+        do, dpo, q, k, v, pq, pk, pv, mask, o, po, lse,
         dq, dk, dv, dpq if has_prefix else dq, dpk if has_prefix else dk, dpv if has_prefix else dv,
-        L, NH, nW, nWc, grid_w, float(scale),
+        L, NH, nW, nWc, grid_w, float(scale), s_tok, s_pre, s_gtok, s_gpre,
         D=D, WINDOW=window, HAS_PREFIX=has_prefix, HAS_DPO=has_dpo, HAS_MASK=has_mask, GRID=layout == "grid",
         BLOCK_N=cfg["BLOCK_N"], BLOCK_D=cfg["BLOCK_D"], USE_DOT=cfg["USE_DOT"], INTERPRET=_INTERPRET,
         num_warps=cfg["num_warps"], num_stages=cfg["num_stages"],
@@ -493,12 +545,18 @@ def window_attention_bwd(do, dprefix_o, q, k, v, prefix_q, prefix_k, prefix_v, t
 
 
 def cls_pool_fwd(cls_q, cls_k, cls_v, k, v, grid_h, grid_w, window, layout, scale):
-    """Returns (o (B, nW, heads, D), lse (B*nW, heads, 1)) exactly as ``sapiens2::cls_pool``."""
+    """Returns (o (B, nW, heads, D), lse (B*nW, heads, 1)) exactly as ``sapiens2::cls_pool``; the
+    inputs may be row-strided views of packed projections."""
     _check_dtype(cls_q)
     dt = cls_q.dtype
     B, L, NH, D = k.shape
     nW, nWc = _geometry(L, grid_h, grid_w, window, layout)
-    cq, ck, cv, k, v = (_c(x, dt) for x in (cls_q, cls_k, cls_v, k, v))
+    (k, s_tok), (v, s_v) = (_rows(x, dt) for x in (k, v))
+    if s_tok != s_v:
+        (k, s_tok), (v, _) = ((_c(x, dt), NH * D) for x in (k, v))
+    (cq, s_pre), (ck, s_ck), (cv, s_cv) = (_rows(x, dt) for x in (cls_q, cls_k, cls_v))
+    if not s_pre == s_ck == s_cv:
+        (cq, s_pre), (ck, _), (cv, _) = ((_c(x, dt), NH * D) for x in (cls_q, cls_k, cls_v))
     o = torch.empty((B, nW, NH, D), device=k.device, dtype=dt)
     lse = torch.empty((B * nW, NH, 1), device=k.device, dtype=torch.float32)
     n_prog = B * nW * NH
@@ -506,33 +564,39 @@ def cls_pool_fwd(cls_q, cls_k, cls_v, k, v, grid_h, grid_w, window, layout, scal
         return o, lse
     cfg = _config("cls_fwd", window, D)
     _cls_fwd_kernel[(n_prog,)](
-        cq, ck, cv, k, v, o, lse, L, NH, nW, nWc, grid_w, float(scale),
+        cq, ck, cv, k, v, o, lse, L, NH, nW, nWc, grid_w, float(scale), s_tok, s_pre,
         D=D, WINDOW=window, GRID=layout == "grid", BLOCK_N=cfg["BLOCK_N"], BLOCK_D=cfg["BLOCK_D"],
         INTERPRET=_INTERPRET, num_warps=cfg["num_warps"], num_stages=cfg["num_stages"],
     )
     return o, lse
 
 
-def cls_pool_bwd(do, cls_q, cls_k, cls_v, k, v, o, lse, grid_h, grid_w, window, layout, scale):
-    """Returns (dcls_q, dcls_k, dcls_v, dk, dv) exactly as ``sapiens2::cls_pool_backward``."""
+def cls_pool_bwd(do, cls_q, cls_k, cls_v, k, v, o, lse, grid_h, grid_w, window, layout, scale,
+                 grads_out=None, cls_grads_out=None):
+    """Returns (dcls_q, dcls_k, dcls_v, dk, dv) exactly as ``sapiens2::cls_pool_backward``;
+    ``grads_out`` = optional (dk, dv) views, ``cls_grads_out`` = optional (dcls_q, dcls_k, dcls_v)
+    views to write into (slots of packed gradients)."""
     _check_dtype(cls_q)
     dt = cls_q.dtype
     B, L, NH, D = k.shape
     nW, nWc = _geometry(L, grid_h, grid_w, window, layout)
-    kdt, vdt = k.dtype, v.dtype
-    do, cq, ck, cv, k, v, o = (_c(x, dt) for x in (do, cls_q, cls_k, cls_v, k, v, o))
+    (k, s_tok), (v, s_v) = (_rows(x, dt) for x in (k, v))
+    if s_tok != s_v:
+        (k, s_tok), (v, _) = ((_c(x, dt), NH * D) for x in (k, v))
+    (cq, s_pre), (ck, s_ck), (cv, s_cv) = (_rows(x, dt) for x in (cls_q, cls_k, cls_v))
+    if not s_pre == s_ck == s_cv:
+        (cq, s_pre), (ck, _), (cv, _) = ((_c(x, dt), NH * D) for x in (cls_q, cls_k, cls_v))
+    do, o = _c(do, dt), _c(o, dt)
     lse = lse.to(torch.float32).contiguous()
-    dcq = torch.empty((B, nW, NH, D), device=k.device, dtype=cls_q.dtype)
-    dck = torch.empty((B, nW, NH, D), device=k.device, dtype=cls_k.dtype)
-    dcv = torch.empty((B, nW, NH, D), device=k.device, dtype=cls_v.dtype)
-    dk = torch.empty((B, L, NH, D), device=k.device, dtype=kdt)
-    dv = torch.empty((B, L, NH, D), device=k.device, dtype=vdt)
+    (dcq, s_gpre), (dck, _), (dcv, _) = (_out_rows((B, nW, NH, D), k, dt, t) for t in (cls_grads_out or (None,) * 3))
+    (dk, s_gtok), (dv, _) = (_out_rows((B, L, NH, D), k, dt, t) for t in (grads_out or (None,) * 2))
     n_prog = B * nW * NH
     if n_prog == 0:
         return dcq, dck, dcv, dk, dv
     cfg = _config("cls_bwd", window, D)
     _cls_bwd_kernel[(n_prog,)](
         do, cq, ck, cv, k, v, o, lse, dcq, dck, dcv, dk, dv, L, NH, nW, nWc, grid_w, float(scale),
+        s_tok, s_pre, s_gtok, s_gpre,
         D=D, WINDOW=window, GRID=layout == "grid", BLOCK_N=cfg["BLOCK_N"], BLOCK_D=cfg["BLOCK_D"],
         INTERPRET=_INTERPRET, num_warps=cfg["num_warps"], num_stages=cfg["num_stages"],
     )
@@ -547,7 +611,8 @@ def _configs(dtypes=("bf16", "fp16"), head_dims=(64, 76, 80), windows=(4,), layo
              prefix_variants=((True, False, True),)) -> list:
     """Compile-gate entries; ``prefix_variants``: (HAS_PREFIX, HAS_MASK, HAS_DPO) of window attention."""
     out = []
-    scal = dict(L="i32", NH="i32", nW="i32", nWc="i32", gw="i32", scale="fp32")
+    scal = dict(L="i32", NH="i32", nW="i32", nWc="i32", gw="i32", scale="fp32", s_tok="i32", s_pre="i32",
+                s_gtok="i32", s_gpre="i32")
     for dt in dtypes:
         x, f32 = "*" + dt, "*fp32"
         for window in windows:

@@ -47,9 +47,10 @@ class SwiGLUFFN(nn.Module):
         self.w12 = nn.Linear(dim, 2 * hidden, bias=bias)
         self.w3 = nn.Linear(hidden, dim, bias=bias)
 
-    def forward(self, x: Tensor) -> Tensor:
-        # the hidden activation is recomputed in backward rather than kept (ops.swiglu_ffn)
-        return ops.swiglu_ffn(x, self.w12.weight, self.w12.bias, self.w3.weight, self.w3.bias)
+    def forward(self, x: Tensor, keep_hidden: bool = False) -> Tensor:
+        # the hidden activation is recomputed in backward rather than kept (ops.swiglu_ffn), unless
+        # this forward is itself a recompute (keep_hidden: see ops.swiglu_ffn)
+        return ops.swiglu_ffn(x, self.w12.weight, self.w12.bias, self.w3.weight, self.w3.bias, keep_hidden)
 
 
 class Attention(nn.Module):
@@ -78,6 +79,15 @@ class Attention(nn.Module):
         k = self.wk(x).view(B, N, self.num_kv_heads, self.head_dim)
         v = self.wv(x).view(B, N, self.num_kv_heads, self.head_dim)
         return q, k, v
+
+    def packed_qkv_weight(self) -> tuple[Tensor, Optional[Tensor]]:
+        """``W_qkv (3*dim, dim)`` and its bias: one GEMM for q, k and v reads its input once (MHA only).
+        The concatenation copies the weights (3 dim^2 elements), not activations."""
+        if self.num_kv_heads != self.num_heads:
+            raise ValueError("packed q/k/v projections need num_kv_heads == num_heads")
+        w = torch.cat([self.wq.weight, self.wk.weight, self.wv.weight])
+        b = torch.cat([self.wq.bias, self.wk.bias, self.wv.bias]) if self.wq.bias is not None else None
+        return w, b
 
     def forward(self, x: Tensor, rope: Optional[tuple[Tensor, Tensor]] = None, num_prefix_tokens: int = 0,
                 seq_lens: Optional[Tensor] = None) -> Tensor:

@@ -7,10 +7,15 @@ Differences from the official implementation (same outputs for the same weights)
   by index arithmetic in the grid layout;
 * the last layer computes only what is kept — the CLS row: ``sapiens2.ops.cls_pool`` (one query
   per window), and the output projection and FFN on one token per window;
+* q, k and v come from one GEMM over the concatenated weights (its input read once) and are
+  consumed packed by ``window_attention_qkv`` / ``cls_pool_kv``, whose backward returns the packed
+  gradient: one GEMM for the input gradient, no split or scatter copies;
 * MAE masking: with ``layout="windows"`` only the gathered visible windows are computed at all;
 * in training the whole stage is recomputed in backward (activation checkpointing, as the official
   code does per chunk), so it keeps only its input for backward: at 4K its activations would
-  otherwise be ~60x the official's 0.16 GB per image.
+  otherwise be ~60x the official's 0.16 GB per image. Since the FFNs' forward is then a recompute
+  anyway, they keep their hidden activation until the backward uses it (``keep_hidden``) rather
+  than recomputing it a second time.
 """
 
 from __future__ import annotations
@@ -18,6 +23,7 @@ from __future__ import annotations
 from typing import Optional
 
 import torch
+import torch.nn.functional as F
 from torch import Tensor, nn
 
 from .. import ops
@@ -61,20 +67,22 @@ class WindowTokenizer(nn.Module):
 
         t_pend = c_pend = None
         last = len(self.blocks) - 1
+        H = self.num_heads
         for i, blk in enumerate(self.blocks):
             yt, t = blk.ln1(t_pend, residual=t) if t_pend is not None else blk.ln1(t)
             yc, c = blk.ln1(c_pend, residual=c) if c_pend is not None else blk.ln1(c)
             attn = blk.attn
-            qc, kc, vc = attn.qkv(yc)
+            # q, k, v from one GEMM each for the tokens and the CLS rows, consumed packed
+            w_qkv, b_qkv = attn.packed_qkv_weight()
+            qkv_c = F.linear(yc, w_qkv, b_qkv).view(B, nW, 3, H, -1)
             if i < last:
-                qt, kt, vt = attn.qkv(yt)
-                ot, oc = ops.window_attention(qt, kt, vt, grid_hw, w, qc, kc, vc, layout=layout)
+                qkv_t = F.linear(yt, w_qkv, b_qkv).view(B, L, 3, H, -1)
+                ot, oc = ops.window_attention_qkv(qkv_t, grid_hw, w, prefix_qkv=qkv_c, layout=layout)
                 yt, t = blk.ln2(attn.proj(ot.flatten(2)), residual=t)
-                t_pend = blk.ffn(yt)
-            else:  # only the CLS rows survive the last layer
-                kt = attn.wk(yt).view(B, L, self.num_heads, -1)
-                vt = attn.wv(yt).view(B, L, self.num_heads, -1)
-                oc = ops.cls_pool(qc, kc, vc, kt, vt, grid_hw, w, layout=layout)
+                t_pend = blk.ffn(yt, keep_hidden=self.checkpoint)
+            else:  # only the CLS rows survive the last layer: the tokens need k and v only
+                kv_t = F.linear(yt, w_qkv[C:], None if b_qkv is None else b_qkv[C:]).view(B, L, 2, H, -1)
+                oc = ops.cls_pool_kv(qkv_c, kv_t, grid_hw, w, layout=layout)
             yc, c = blk.ln2(attn.proj(oc.flatten(2)), residual=c)
-            c_pend = blk.ffn(yc)
+            c_pend = blk.ffn(yc, keep_hidden=self.checkpoint)
         return settle(c, c_pend)

@@ -12,11 +12,13 @@ from .qk_norm_rope import qk_norm_rope
 from .rms_norm import rms_norm
 from .swiglu import swiglu, swiglu_ffn
 from .window_attention import cls_pool, window_attention
+from .window_attention_packed import cls_pool_kv, window_attention_qkv
 
 __all__ = [
     "attention",
     "available_backends",
     "cls_pool",
+    "cls_pool_kv",
     "current_backend",
     "qk_norm_rope",
     "rms_norm",
@@ -24,4 +26,5 @@ __all__ = [
     "swiglu_ffn",
     "use_backend",
     "window_attention",
+    "window_attention_qkv",
 ]

@@ -61,6 +61,11 @@ def swiglu_recompute_backward(ds, x12, bias_grad):
     return s.view(*x12.shape[:-1], x12.shape[-1] // 2), dx12.view(x12.shape), db
 
 
+def swiglu_bias_backward(ds, x12):
+    dx12, db = _kernels("swiglu").swiglu_bias_bwd(_rows(ds), _rows(x12))
+    return dx12.view(x12.shape), db
+
+
 def _rope_args(q: Tensor, sin, cos, p: int):
     if sin is None:  # norm only: every token counts as a prefix token (none rotated)
         dummy = torch.zeros(1, q.shape[-1], device=q.device, dtype=torch.float32)
@@ -94,18 +99,41 @@ def attention_backward(do, q, k, v, o, lse, qw, kw, sin, cos, p, seq_lens, scale
                              _c(seq_lens), scale, eps)
 
 
+# Window attention / cls_pool: the launchers read q/k/v-like inputs through row strides, so views of
+# packed projections pass through without a copy (they make other layouts contiguous themselves).
+
+
 def window_attention(q, k, v, pq, pk, pv, token_mask, gh, gw, w, layout, scale):
-    return _kernels("window_attention").window_attention_fwd(_c(q), _c(k), _c(v), _c(pq), _c(pk), _c(pv), _c(token_mask), gh, gw, w, layout, scale)
+    return _kernels("window_attention").window_attention_fwd(q, k, v, pq, pk, pv, token_mask, gh, gw, w, layout, scale)
 
 
 def window_attention_backward(do, dpo, q, k, v, pq, pk, pv, token_mask, o, po, lse, gh, gw, w, layout, scale):
-    return _kernels("window_attention").window_attention_bwd(_c(do), _c(dpo), _c(q), _c(k), _c(v), _c(pq), _c(pk), _c(pv), _c(token_mask),
-                                    _c(o), _c(po), _c(lse), gh, gw, w, layout, scale)
+    return _kernels("window_attention").window_attention_bwd(do, dpo, q, k, v, pq, pk, pv, token_mask, o, po, lse,
+                                                             gh, gw, w, layout, scale)
 
 
 def cls_pool(cq, ck, cv, k, v, gh, gw, w, layout, scale):
-    return _kernels("window_attention").cls_pool_fwd(_c(cq), _c(ck), _c(cv), _c(k), _c(v), gh, gw, w, layout, scale)
+    return _kernels("window_attention").cls_pool_fwd(cq, ck, cv, k, v, gh, gw, w, layout, scale)
 
 
 def cls_pool_backward(do, cq, ck, cv, k, v, o, lse, gh, gw, w, layout, scale):
-    return _kernels("window_attention").cls_pool_bwd(_c(do), _c(cq), _c(ck), _c(cv), _c(k), _c(v), _c(o), _c(lse), gh, gw, w, layout, scale)
+    return _kernels("window_attention").cls_pool_bwd(do, cq, ck, cv, k, v, o, lse, gh, gw, w, layout, scale)
+
+
+def window_attention_qkv_backward(do, dpo, qkv, pqkv, token_mask, o, po, lse, gh, gw, w, layout, scale):
+    """The kernel writes dq, dk, dv straight into the slots of one packed dqkv (row stride 3*heads*D)."""
+    dqkv = torch.empty(qkv.shape, device=qkv.device, dtype=qkv.dtype)
+    has_prefix = pqkv is not None
+    dpre = torch.empty(pqkv.shape, device=qkv.device, dtype=qkv.dtype) if has_prefix else qkv.new_empty(0)
+    _kernels("window_attention").window_attention_bwd(
+        do, dpo, *qkv.unbind(2), *(pqkv.unbind(2) if has_prefix else (None, None, None)), token_mask, o, po, lse,
+        gh, gw, w, layout, scale, grads_out=dqkv.unbind(2), prefix_grads_out=dpre.unbind(2) if has_prefix else None)
+    return dqkv, dpre
+
+
+def cls_pool_kv_backward(do, cqkv, kv, o, lse, gh, gw, w, layout, scale):
+    dcqkv = torch.empty(cqkv.shape, device=cqkv.device, dtype=cqkv.dtype)
+    dkv = torch.empty(kv.shape, device=kv.device, dtype=kv.dtype)
+    _kernels("window_attention").cls_pool_bwd(do, *cqkv.unbind(2), *kv.unbind(2), o, lse, gh, gw, w, layout, scale,
+                                              grads_out=dkv.unbind(2), cls_grads_out=dcqkv.unbind(2))
+    return dcqkv, dkv

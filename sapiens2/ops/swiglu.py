@@ -98,6 +98,22 @@ def _(ds, x12, bias_grad):
             x12.new_empty(x12.shape[-1] if bias_grad else 0))
 
 
+@torch.library.custom_op("sapiens2::swiglu_bias_backward", mutates_args=())
+def _swiglu_bias_backward(ds: Tensor, x12: Tensor) -> tuple[Tensor, Tensor]:
+    """``dx12`` and the ``w12`` bias gradient ``sum_rows(dx12)`` in one pass, for a caller that kept
+    the hidden activation (no recomputed ``s`` written)."""
+    impl = backend.select("swiglu_bias_backward", x12)
+    if impl != "reference":
+        return impl(ds, x12)
+    dx12 = _swiglu_bwd_ref(ds, x12)
+    return dx12, dx12.to(stat_dtype(x12)).reshape(-1, x12.shape[-1]).sum(0).to(x12.dtype)
+
+
+@_swiglu_bias_backward.register_fake
+def _(ds, x12):
+    return torch.empty_like(x12), x12.new_empty(x12.shape[-1])
+
+
 class _SwiGLUFFN(torch.autograd.Function):
     """``w3(swiglu(w12(x)))`` keeping only ``x`` and ``x12`` for backward.
 
@@ -109,31 +125,43 @@ class _SwiGLUFFN(torch.autograd.Function):
     """
 
     @staticmethod
-    def forward(ctx, x: Tensor, w12: Tensor, b12, w3: Tensor, b3):
+    def forward(ctx, x: Tensor, w12: Tensor, b12, w3: Tensor, b3, keep_hidden: bool = False):
         x12 = F.linear(x, w12, b12)
-        ctx.save_for_backward(x, x12, w12, w3)
+        s = torch.ops.sapiens2.swiglu(x12)
+        ctx.keep_hidden = keep_hidden
+        ctx.save_for_backward(x, x12, w12, w3, s if keep_hidden else None)
         ctx.biases = (b12 is not None, b3 is not None)
-        return F.linear(torch.ops.sapiens2.swiglu(x12), w3, b3)
+        return F.linear(s, w3, b3)
 
     @staticmethod
     def backward(ctx, dy: Tensor):
-        x, x12, w12, w3 = ctx.saved_tensors
+        x, x12, w12, w3, s = ctx.saved_tensors
         has_b12, has_b3 = ctx.biases
         need = ctx.needs_input_grad
         dy2 = dy.reshape(-1, dy.shape[-1])
-        s, dx12, db12 = torch.ops.sapiens2.swiglu_recompute_backward(dy @ w3, x12, has_b12 and need[2])
+        if ctx.keep_hidden and has_b12 and need[2]:  # s kept: dx12 and the bias gradient only
+            dx12, db12 = torch.ops.sapiens2.swiglu_bias_backward(dy @ w3, x12)
+        elif ctx.keep_hidden:
+            dx12, db12 = torch.ops.sapiens2.swiglu_backward(dy @ w3, x12), None
+        else:
+            s, dx12, db12 = torch.ops.sapiens2.swiglu_recompute_backward(dy @ w3, x12, has_b12 and need[2])
         dx12_2 = dx12.reshape(-1, dx12.shape[-1])
         dw3 = dy2.t() @ s.reshape(-1, s.shape[-1]) if need[3] else None
         db3 = dy2.sum(0) if has_b3 and need[4] else None
         dw12 = dx12_2.t() @ x.reshape(-1, x.shape[-1]) if need[1] else None
         dx = dx12 @ w12 if need[0] else None
-        return dx, dw12, (db12 if has_b12 and need[2] else None), dw3, db3
+        return dx, dw12, (db12 if has_b12 and need[2] else None), dw3, db3, None
 
 
-def swiglu_ffn(x: Tensor, w12: Tensor, b12: "Tensor | None", w3: Tensor, b3: "Tensor | None") -> Tensor:
+def swiglu_ffn(x: Tensor, w12: Tensor, b12: "Tensor | None", w3: Tensor, b3: "Tensor | None",
+               keep_hidden: bool = False) -> Tensor:
     """The SwiGLU FFN ``w3(silu(a) * b)``, ``a, b = w12(x).chunk(2, -1)``, with a backward that
     recomputes the hidden activation instead of keeping it. ``x``: ``(..., C)``; ``w12``: ``(2F, C)``;
-    ``w3``: ``(C_out, F)``; biases or None."""
+    ``w3``: ``(C_out, F)``; biases or None.
+
+    ``keep_hidden=True`` keeps ``s = swiglu(x12)`` for backward instead (F more values per token)
+    and skips its recompute: right where the forward itself is a recompute (activation
+    checkpointing), whose saved tensors live only until the backward consumes them."""
     for name, t in (("x", x), ("w12", w12), ("w3", w3)):
         check_float(name, t)
     if w12.dim() != 2 or w12.shape[1] != x.shape[-1] or w12.shape[0] % 2:
@@ -144,4 +172,4 @@ def swiglu_ffn(x: Tensor, w12: Tensor, b12: "Tensor | None", w3: Tensor, b3: "Te
         raise ValueError(f"b12 must have shape ({w12.shape[0]},), got {tuple(b12.shape)}")
     if b3 is not None and tuple(b3.shape) != (w3.shape[0],):
         raise ValueError(f"b3 must have shape ({w3.shape[0]},), got {tuple(b3.shape)}")
-    return _SwiGLUFFN.apply(x, w12, b12, w3, b3)
+    return _SwiGLUFFN.apply(x, w12, b12, w3, b3, keep_hidden)

@@ -91,6 +91,12 @@ def _window_attention(
     impl = backend.select("window_attention", q)
     if impl != "reference":
         return impl(q, k, v, prefix_q, prefix_k, prefix_v, token_mask, grid_h, grid_w, window, layout, scale)
+    return window_attention_ref(q, k, v, prefix_q, prefix_k, prefix_v, token_mask, grid_h, grid_w, window, layout,
+                                scale)
+
+
+def window_attention_ref(q, k, v, prefix_q, prefix_k, prefix_v, token_mask, grid_h, grid_w, window, layout, scale):
+    """The definition of ``sapiens2::window_attention`` (plain PyTorch)."""
     B = q.shape[0]
     qw_, kw_, vw_, mask = _assemble(q, k, v, prefix_q, prefix_k, prefix_v, token_mask, grid_h, grid_w, window, layout)
     ow, lse = sdpa_fwd(qw_, kw_, vw_, mask, scale)
@@ -118,6 +124,13 @@ def _window_attention_backward(
     if impl != "reference":
         return impl(do, dprefix_o, q, k, v, prefix_q, prefix_k, prefix_v, token_mask, o, prefix_o, lse,
                     grid_h, grid_w, window, layout, scale)
+    return window_attention_bwd_ref(do, dprefix_o, q, k, v, prefix_q, prefix_k, prefix_v, token_mask, o, prefix_o,
+                                    lse, grid_h, grid_w, window, layout, scale)
+
+
+def window_attention_bwd_ref(do, dprefix_o, q, k, v, prefix_q, prefix_k, prefix_v, token_mask, o, prefix_o, lse,
+                             grid_h, grid_w, window, layout, scale):
+    """The definition of ``sapiens2::window_attention_backward`` (plain PyTorch)."""
     B = q.shape[0]
     has_prefix = prefix_q is not None
     qw_, kw_, vw_, mask = _assemble(q, k, v, prefix_q, prefix_k, prefix_v, token_mask, grid_h, grid_w, window, layout)
@@ -179,6 +192,11 @@ def _cls_pool(
     impl = backend.select("cls_pool", cls_q)
     if impl != "reference":
         return impl(cls_q, cls_k, cls_v, k, v, grid_h, grid_w, window, layout, scale)
+    return cls_pool_ref(cls_q, cls_k, cls_v, k, v, grid_h, grid_w, window, layout, scale)
+
+
+def cls_pool_ref(cls_q, cls_k, cls_v, k, v, grid_h, grid_w, window, layout, scale):
+    """The definition of ``sapiens2::cls_pool`` (plain PyTorch)."""
     kw_ = torch.cat([_prefix_windows(cls_k), to_windows(k, grid_h, grid_w, window, layout)], dim=2)
     vw_ = torch.cat([_prefix_windows(cls_v), to_windows(v, grid_h, grid_w, window, layout)], dim=2)
     ow, lse = sdpa_fwd(_prefix_windows(cls_q), kw_, vw_, None, scale)
@@ -200,6 +218,11 @@ def _cls_pool_backward(
     impl = backend.select("cls_pool_backward", cls_q)
     if impl != "reference":
         return impl(do, cls_q, cls_k, cls_v, k, v, o, lse, grid_h, grid_w, window, layout, scale)
+    return cls_pool_bwd_ref(do, cls_q, cls_k, cls_v, k, v, o, lse, grid_h, grid_w, window, layout, scale)
+
+
+def cls_pool_bwd_ref(do, cls_q, cls_k, cls_v, k, v, o, lse, grid_h, grid_w, window, layout, scale):
+    """The definition of ``sapiens2::cls_pool_backward`` (plain PyTorch)."""
     B = cls_q.shape[0]
     kw_ = torch.cat([_prefix_windows(cls_k), to_windows(k, grid_h, grid_w, window, layout)], dim=2)
     vw_ = torch.cat([_prefix_windows(cls_v), to_windows(v, grid_h, grid_w, window, layout)], dim=2)

@@ -62,6 +62,45 @@ def test_swiglu_recompute_backward(M, F, bias, dtype):
         assert db.numel() == 0
 
 
+@pytest.mark.parametrize("dtype", DTYPES, ids=str)
+@pytest.mark.parametrize("M,F", [(1, 1), (37, 77), (100, 1024)])
+def test_swiglu_bias_backward(M, F, dtype):
+    """dx12 and the w12 bias gradient without the recomputed s (the caller kept it)."""
+    gen = torch.Generator().manual_seed(M + F + 1)
+    x = torch.randn(M, 2 * F, generator=gen, dtype=torch.float64) * 2.0
+    g = torch.randn(M, F, generator=gen, dtype=torch.float64)
+    dx12, db = SW.swiglu_bias_bwd(g.to(dtype), x.to(dtype))
+    _, (ex_dx,) = plain_grads(ref_swiglu, [x], torch.float64, g)
+    _, (lo_dx,) = plain_grads(ref_swiglu, [x], dtype, g)
+    check("dx12", dx12, ex_dx, lo_dx, dtype)
+    check("db12", db, ex_dx.sum(0), lo_dx.float().sum(0).to(dtype), dtype)
+
+
+@pytest.mark.parametrize("backend", ["reference", "triton"])
+def test_ffn_keep_hidden_equals_recompute(backend):
+    """swiglu_ffn(keep_hidden=True) keeps s instead of recomputing it: same values, same gradients."""
+    from sapiens2 import ops
+
+    gen = torch.Generator().manual_seed(3)
+    x = torch.randn(2, 9, 64, generator=gen)
+    w12, b12 = torch.randn(256, 64, generator=gen) * 0.1, torch.randn(256, generator=gen)
+    w3, b3 = torch.randn(64, 128, generator=gen) * 0.1, torch.randn(64, generator=gen)
+    dy = torch.randn(2, 9, 64, generator=gen)
+    results = []
+    for keep in (False, True):
+        ins = [t.clone().requires_grad_() for t in (x, w12, b12, w3, b3)]
+        with ops.use_backend(backend, strict=backend != "reference"):
+            y = ops.swiglu_ffn(*ins, keep_hidden=keep)
+            results.append((y.detach(), torch.autograd.grad(y, ins, dy)))
+    (y0, g0), (y1, g1) = results
+    assert torch.equal(y0, y1)
+    for a, b in zip(g0, g1):
+        torch.testing.assert_close(a, b, rtol=0, atol=0) if backend == "reference" else \
+            torch.testing.assert_close(a, b, rtol=1e-5, atol=1e-5)
+    with ops.use_backend(backend, strict=backend != "reference"):
+        torch.library.opcheck(torch.ops.sapiens2.swiglu_bias_backward, (dy.repeat(1, 1, 2), x.repeat(1, 1, 4)))
+
+
 def test_empty():
     assert SW.swiglu_fwd(torch.empty(0, 8)).shape == (0, 4)
     assert SW.swiglu_bwd(torch.empty(0, 4), torch.empty(0, 8)).shape == (0, 8)
