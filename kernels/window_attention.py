@@ -235,11 +235,11 @@ def _wa_fwd_kernel(Q, K, V, PQ, PK, PV, MASK, O, PO, LSE,
 
 @triton.jit
 def _wa_bwd_kernel(DO, DPO, Q, K, V, PQ, PK, PV, MASK, O, PO, LSE,
-                   DQ, DK, DV, DPQ, DPK, DPV,
+                   DQ, DK, DV, DPQ, DPK, DPV, DB,
                    L, NH, nW, nWc, gw, scale, s_tok, s_pre, s_gtok, s_gpre,
                    D: tl.constexpr, WINDOW: tl.constexpr, HAS_PREFIX: tl.constexpr, HAS_DPO: tl.constexpr,
                    HAS_MASK: tl.constexpr, GRID: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_D: tl.constexpr,
-                   USE_DOT: tl.constexpr, INTERPRET: tl.constexpr):
+                   USE_DOT: tl.constexpr, INTERPRET: tl.constexpr, BIAS: tl.constexpr = False):
     DT: tl.constexpr = Q.dtype.element_ty
     P: tl.constexpr = 1 if HAS_PREFIX else 0
     S: tl.constexpr = P + WINDOW * WINDOW
@@ -296,13 +296,32 @@ def _wa_bwd_kernel(DO, DPO, Q, K, V, PQ, PK, PV, MASK, O, PO, LSE,
         dq += ds_tp[:, None] * pk[None, :]
         dk += ds_pt[:, None] * pq[None, :]
         dv += p_pt[:, None] * pdo[None, :]
-        _st(DPQ + pg_off, _colsum(ds_pt, k) + ds_pp * pk, dmask, INTERPRET)
-        _st(DPK + pg_off, _colsum(ds_tp, q) + ds_pp * pq, dmask, INTERPRET)
-        _st(DPV + pg_off, _colsum(p_tp, do) + p_pp * pdo, dmask, INTERPRET)
+        dpq = _colsum(ds_pt, k) + ds_pp * pk
+        dpk = _colsum(ds_tp, q) + ds_pp * pq
+        dpv = _colsum(p_tp, do) + p_pp * pdo
+        _st(DPQ + pg_off, dpq, dmask, INTERPRET)
+        _st(DPK + pg_off, dpk, dmask, INTERPRET)
+        _st(DPV + pg_off, dpv, dmask, INTERPRET)
 
     _st(DQ + g_off, dq, tok_mask, INTERPRET)
     _st(DK + g_off, dk, tok_mask, INTERPRET)
     _st(DV + g_off, dv, tok_mask, INTERPRET)
+    if BIAS:
+        # This program's share of the q/k/v projection's bias gradient: the column sums of the
+        # gradients it just stored (rounded as stored), over its window's tokens and prefix row,
+        # into its own (3, D) slot of a (B*nW, 3, heads, D) fp32 partial buffer (no atomics).
+        GT: tl.constexpr = DQ.dtype.element_ty
+        bq = tl.sum(tl.where(tok_mask, as_operand(dq, GT, INTERPRET).to(tl.float32), 0.0), axis=0)
+        bk = tl.sum(tl.where(tok_mask, as_operand(dk, GT, INTERPRET).to(tl.float32), 0.0), axis=0)
+        bv = tl.sum(tl.where(tok_mask, as_operand(dv, GT, INTERPRET).to(tl.float32), 0.0), axis=0)
+        if HAS_PREFIX:
+            bq += as_operand(dpq, GT, INTERPRET).to(tl.float32)
+            bk += as_operand(dpk, GT, INTERPRET).to(tl.float32)
+            bv += as_operand(dpv, GT, INTERPRET).to(tl.float32)
+        db_off = (bw * 3 * NH + h) * D + d
+        tl.store(DB + db_off, bq, mask=dmask)
+        tl.store(DB + db_off + NH * D, bk, mask=dmask)
+        tl.store(DB + db_off + 2 * NH * D, bv, mask=dmask)
 
 
 # ----------------------------------------------------------------------------------------------
@@ -493,10 +512,13 @@ def window_attention_fwd(q, k, v, prefix_q, prefix_k, prefix_v, token_mask, grid
 
 
 def window_attention_bwd(do, dprefix_o, q, k, v, prefix_q, prefix_k, prefix_v, token_mask, o, prefix_o, lse,
-                         grid_h, grid_w, window, layout, scale, grads_out=None, prefix_grads_out=None):
+                         grid_h, grid_w, window, layout, scale, grads_out=None, prefix_grads_out=None,
+                         bias_partials=None):
     """Returns (dq, dk, dv, dprefix_q, dprefix_k, dprefix_v) exactly as
     ``sapiens2::window_attention_backward``. ``grads_out`` / ``prefix_grads_out``: optional
-    (dq, dk, dv) views to write into (the slots of a packed dqkv), with one shared row stride."""
+    (dq, dk, dv) views to write into (the slots of a packed dqkv), with one shared row stride.
+    ``bias_partials``: optional fp32 ``(B*nW, 3, heads, D)`` buffer that receives each window's
+    column sums of (dq, dk, dv) over its tokens and prefix row (a q/k/v bias gradient's partials)."""
     _check_dtype(q)
     dt = q.dtype
     B, L, NH, D = q.shape
@@ -536,10 +558,11 @@ def window_attention_bwd(do, dprefix_o, q, k, v, prefix_q, prefix_k, prefix_v, t
     _wa_bwd_kernel[(n_prog,)](
         do, dpo, q, k, v, pq, pk, pv, mask, o, po, lse,
         dq, dk, dv, dpq if has_prefix else dq, dpk if has_prefix else dk, dpv if has_prefix else dv,
+        bias_partials if bias_partials is not None else lse,
         L, NH, nW, nWc, grid_w, float(scale), s_tok, s_pre, s_gtok, s_gpre,
         D=D, WINDOW=window, HAS_PREFIX=has_prefix, HAS_DPO=has_dpo, HAS_MASK=has_mask, GRID=layout == "grid",
         BLOCK_N=cfg["BLOCK_N"], BLOCK_D=cfg["BLOCK_D"], USE_DOT=cfg["USE_DOT"], INTERPRET=_INTERPRET,
-        num_warps=cfg["num_warps"], num_stages=cfg["num_stages"],
+        BIAS=bias_partials is not None, num_warps=cfg["num_warps"], num_stages=cfg["num_stages"],
     )
     return dq, dk, dv, dpq, dpk, dpv
 
@@ -637,11 +660,14 @@ def _configs(dtypes=("bf16", "fp16"), head_dims=(64, 76, 80), windows=(4,), layo
                         add("window_attn_fwd" + tag, _wa_fwd_kernel, "fwd",
                             dict(Q=x, K=x, V=x, PQ=x, PK=x, PV=x, MASK="*u8", O=x, PO=x, LSE=f32),
                             dict(HAS_PREFIX=has_prefix, HAS_MASK=has_mask))
-                        add("window_attn_bwd" + tag + ("" if has_dpo or not has_prefix else "_nodpo"),
-                            _wa_bwd_kernel, "bwd",
-                            dict(DO=x, DPO=x, Q=x, K=x, V=x, PQ=x, PK=x, PV=x, MASK="*u8", O=x, PO=x,
-                                 LSE=f32, DQ=x, DK=x, DV=x, DPQ=x, DPK=x, DPV=x),
-                            dict(HAS_PREFIX=has_prefix, HAS_DPO=has_dpo and has_prefix, HAS_MASK=has_mask))
+                        for bias in (False, True):
+                            add("window_attn_bwd" + tag + ("" if has_dpo or not has_prefix else "_nodpo")
+                                + ("_bias" if bias else ""),
+                                _wa_bwd_kernel, "bwd",
+                                dict(DO=x, DPO=x, Q=x, K=x, V=x, PQ=x, PK=x, PV=x, MASK="*u8", O=x, PO=x,
+                                     LSE=f32, DQ=x, DK=x, DV=x, DPQ=x, DPK=x, DPV=x, DB=f32),
+                                dict(HAS_PREFIX=has_prefix, HAS_DPO=has_dpo and has_prefix, HAS_MASK=has_mask,
+                                     BIAS=bias))
                     add("cls_pool_fwd", _cls_fwd_kernel, "cls_fwd",
                         dict(CQ=x, CK=x, CV=x, K=x, V=x, O=x, LSE=f32), {})
                     add("cls_pool_bwd", _cls_bwd_kernel, "cls_bwd",

@@ -68,7 +68,8 @@ _WRITE_ONLY = {aten.copy_.default, aten.fill_.Scalar, aten.fill_.Tensor, aten.ze
 _MATMUL = {"mm", "addmm", "bmm", "baddbmm", "convolution", "convolution_backward", "linear",
            "_scaled_dot_product_flash_attention", "_scaled_dot_product_efficient_attention",
            "_scaled_dot_product_flash_attention_for_cpu", "attention", "attention_backward", "flash_sdpa",
-           "flash_sdpa_backward", "window_attention", "window_attention_backward", "cls_pool", "cls_pool_backward"}
+           "flash_sdpa_backward", "window_attention", "window_attention_backward", "cls_pool", "cls_pool_backward",
+           "window_attention_qkv", "window_attention_qkv_backward", "cls_pool_kv", "cls_pool_kv_backward"}
 
 
 def _footprint(t: torch.Tensor) -> int:

@@ -8,8 +8,10 @@ Differences from the official implementation (same outputs for the same weights)
 * the last layer computes only what is kept — the CLS row: ``sapiens2.ops.cls_pool`` (one query
   per window), and the output projection and FFN on one token per window;
 * q, k and v come from one GEMM over the concatenated weights (its input read once) and are
-  consumed packed by ``window_attention_qkv`` / ``cls_pool_kv``, whose backward returns the packed
-  gradient: one GEMM for the input gradient, no split or scatter copies;
+  consumed packed (``window_attention_projected`` / ``cls_pool_kv``): the backward gets the packed
+  gradient (one GEMM for the input gradient, no split or scatter copies), the q/k/v bias gradient
+  from the attention kernel's own partial sums, and the tokens' and CLS rows' weight gradients
+  accumulated in one GEMM;
 * MAE masking: with ``layout="windows"`` only the gathered visible windows are computed at all;
 * in training the whole stage is recomputed in backward (activation checkpointing, as the official
   code does per chunk), so it keeps only its input for backward: at 4K its activations would
@@ -47,23 +49,29 @@ class WindowTokenizer(nn.Module):
     def forward(self, x: Tensor, grid_hw: tuple[int, int], layout: str = "grid") -> Tensor:
         """``x``: patch tokens ``(B, H*W, C)`` in grid order, or ``(B, K*w*w, C)`` of K gathered windows
         (``layout="windows"``). Returns one token per window ``(B, nW or K, C)`` in window order."""
+        # The position add runs outside the checkpoint: its output replaces x as the one tensor
+        # kept for backward (same size), and it is not recomputed.
+        t = self._add_position(x, grid_hw, layout)
         if self.checkpoint and self.training and torch.is_grad_enabled():
             from torch.utils.checkpoint import checkpoint
 
-            return checkpoint(self._forward, x, grid_hw, layout, use_reentrant=False)
-        return self._forward(x, grid_hw, layout)
+            return checkpoint(self._layers, t, grid_hw, layout, use_reentrant=False)
+        return self._layers(t, grid_hw, layout)
 
-    def _forward(self, x: Tensor, grid_hw: tuple[int, int], layout: str) -> Tensor:
+    def _add_position(self, x: Tensor, grid_hw: tuple[int, int], layout: str) -> Tensor:
         B, L, C = x.shape
         w = self.window
         gh, gw = grid_hw
-        pos = self.local_pos_embed[0]
+        pos = self.local_pos_embed[0, 1:]
         if layout == "grid":
-            t = (x.reshape(B, gh // w, w, gw // w, w, C) + pos[1:].view(1, 1, w, 1, w, C)).reshape(B, L, C)
-        else:
-            t = (x.reshape(B, L // (w * w), w * w, C) + pos[1:]).reshape(B, L, C)
+            return (x.reshape(B, gh // w, w, gw // w, w, C) + pos.view(1, 1, w, 1, w, C)).reshape(B, L, C)
+        return (x.reshape(B, L // (w * w), w * w, C) + pos).reshape(B, L, C)
+
+    def _layers(self, t: Tensor, grid_hw: tuple[int, int], layout: str) -> Tensor:
+        B, L, C = t.shape
+        w = self.window
         nW = L // (w * w)
-        c = (self.w_cls[0] + pos[:1]).expand(B, nW, C)
+        c = (self.w_cls[0] + self.local_pos_embed[0, :1]).expand(B, nW, C)
 
         t_pend = c_pend = None
         last = len(self.blocks) - 1
@@ -74,13 +82,13 @@ class WindowTokenizer(nn.Module):
             attn = blk.attn
             # q, k, v from one GEMM each for the tokens and the CLS rows, consumed packed
             w_qkv, b_qkv = attn.packed_qkv_weight()
-            qkv_c = F.linear(yc, w_qkv, b_qkv).view(B, nW, 3, H, -1)
             if i < last:
-                qkv_t = F.linear(yt, w_qkv, b_qkv).view(B, L, 3, H, -1)
-                ot, oc = ops.window_attention_qkv(qkv_t, grid_hw, w, prefix_qkv=qkv_c, layout=layout)
+                ot, oc = ops.window_attention_projected(yt, w_qkv, b_qkv, H, grid_hw, w, prefix_x=yc,
+                                                        layout=layout)
                 yt, t = blk.ln2(attn.proj(ot.flatten(2)), residual=t)
                 t_pend = blk.ffn(yt, keep_hidden=self.checkpoint)
             else:  # only the CLS rows survive the last layer: the tokens need k and v only
+                qkv_c = F.linear(yc, w_qkv, b_qkv).view(B, nW, 3, H, -1)
                 kv_t = F.linear(yt, w_qkv[C:], None if b_qkv is None else b_qkv[C:]).view(B, L, 2, H, -1)
                 oc = ops.cls_pool_kv(qkv_c, kv_t, grid_hw, w, layout=layout)
             yc, c = blk.ln2(attn.proj(oc.flatten(2)), residual=c)

@@ -13,6 +13,7 @@ from .rms_norm import rms_norm
 from .swiglu import swiglu, swiglu_ffn
 from .window_attention import cls_pool, window_attention
 from .window_attention_packed import cls_pool_kv, window_attention_qkv
+from .window_attention_proj import window_attention_projected
 
 __all__ = [
     "attention",
@@ -26,5 +27,6 @@ __all__ = [
     "swiglu_ffn",
     "use_backend",
     "window_attention",
+    "window_attention_projected",
     "window_attention_qkv",
 ]

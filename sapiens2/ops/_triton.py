@@ -120,15 +120,21 @@ def cls_pool_backward(do, cq, ck, cv, k, v, o, lse, gh, gw, w, layout, scale):
     return _kernels("window_attention").cls_pool_bwd(do, cq, ck, cv, k, v, o, lse, gh, gw, w, layout, scale)
 
 
-def window_attention_qkv_backward(do, dpo, qkv, pqkv, token_mask, o, po, lse, gh, gw, w, layout, scale):
-    """The kernel writes dq, dk, dv straight into the slots of one packed dqkv (row stride 3*heads*D)."""
+def window_attention_qkv_backward(do, dpo, qkv, pqkv, token_mask, o, po, lse, gh, gw, w, layout, scale,
+                                  bias_grad=False):
+    """The kernel writes dq, dk, dv straight into the slots of one packed dqkv (row stride 3*heads*D),
+    and with ``bias_grad`` each window's column sums of them (the bias gradient's partials)."""
     dqkv = torch.empty(qkv.shape, device=qkv.device, dtype=qkv.dtype)
     has_prefix = pqkv is not None
     dpre = torch.empty(pqkv.shape, device=qkv.device, dtype=qkv.dtype) if has_prefix else qkv.new_empty(0)
+    B, L, _, NH, D = qkv.shape
+    nW = lse.shape[0] // B if B else 0
+    parts = torch.empty((B * nW, 3, NH, D) if bias_grad else (0,), device=qkv.device, dtype=torch.float32)
     _kernels("window_attention").window_attention_bwd(
         do, dpo, *qkv.unbind(2), *(pqkv.unbind(2) if has_prefix else (None, None, None)), token_mask, o, po, lse,
-        gh, gw, w, layout, scale, grads_out=dqkv.unbind(2), prefix_grads_out=dpre.unbind(2) if has_prefix else None)
-    return dqkv, dpre
+        gh, gw, w, layout, scale, grads_out=dqkv.unbind(2), prefix_grads_out=dpre.unbind(2) if has_prefix else None,
+        bias_partials=parts if bias_grad else None)
+    return dqkv, dpre, parts
 
 
 def cls_pool_kv_backward(do, cqkv, kv, o, lse, gh, gw, w, layout, scale):

@@ -31,6 +31,7 @@ from . import backend
 from ._checks import check_float, check_same_device, check_shape, stat_dtype
 from .window_attention import (
     _check_window_inputs,
+    to_windows,
     _cp_flop,
     _num_windows,
     _window_flops,
@@ -71,26 +72,50 @@ def _(qkv, prefix_qkv, token_mask, grid_h, grid_w, window, layout, scale):
     return qkv.new_empty((B, L, NH, D)), po, qkv.new_empty((B * nW, NH, P + window * window), dtype=stat_dtype(qkv))
 
 
+def bias_partials_ref(dqkv: Tensor, dprefix_qkv: Optional[Tensor], grid_h: int, grid_w: int, window: int,
+                      layout: str) -> Tensor:
+    """Per window: column sums of the (rounded) q/k/v gradients over its tokens and its prefix row,
+    fp32 ``(B*nW, 3, heads, D)``; summed over windows they are the q/k/v bias gradient."""
+    acc = stat_dtype(dqkv)
+    slots = []
+    for j in range(3):
+        s = to_windows(dqkv[:, :, j], grid_h, grid_w, window, layout).to(acc).sum(2)  # (B*nW, heads, D)
+        if dprefix_qkv is not None:
+            s = s + dprefix_qkv[:, :, j].reshape(s.shape).to(acc)
+        slots.append(s)
+    return torch.stack(slots, dim=1)
+
+
 @torch.library.custom_op("sapiens2::window_attention_qkv_backward", mutates_args=())
 def _window_attention_qkv_backward(
     do: Tensor, dprefix_o: Optional[Tensor], qkv: Tensor, prefix_qkv: Optional[Tensor],
     token_mask: Optional[Tensor], o: Tensor, prefix_o: Tensor, lse: Tensor,
-    grid_h: int, grid_w: int, window: int, layout: str, scale: float,
-) -> tuple[Tensor, Tensor]:
-    """Returns (dqkv, dprefix_qkv) packed like the inputs; dprefix_qkv is empty without a prefix."""
+    grid_h: int, grid_w: int, window: int, layout: str, scale: float, bias_grad: bool = False,
+) -> tuple[Tensor, Tensor, Tensor]:
+    """Returns (dqkv, dprefix_qkv, bias_partials): the gradients packed like the inputs (dprefix_qkv
+    empty without a prefix) and, with ``bias_grad``, the per-window partial sums of the q/k/v bias
+    gradient (``bias_partials_ref``; empty otherwise)."""
     impl = backend.select("window_attention_qkv_backward", qkv)
     if impl != "reference":
         return impl(do, dprefix_o, qkv, prefix_qkv, token_mask, o, prefix_o, lse, grid_h, grid_w, window, layout,
-                    scale)
+                    scale, bias_grad)
     g = window_attention_bwd_ref(do, dprefix_o, *qkv.unbind(2), *_unpack(prefix_qkv, 3), token_mask, o, prefix_o,
                                  lse, grid_h, grid_w, window, layout, scale)
-    dpre = torch.stack(g[3:], dim=2) if prefix_qkv is not None else qkv.new_empty(0)
-    return torch.stack(g[:3], dim=2), dpre
+    dqkv = torch.stack(g[:3], dim=2)
+    dpre = torch.stack(g[3:], dim=2) if prefix_qkv is not None else None
+    parts = (bias_partials_ref(dqkv, dpre, grid_h, grid_w, window, layout) if bias_grad
+             else qkv.new_empty(0, dtype=stat_dtype(qkv)))
+    return dqkv, (dpre if dpre is not None else qkv.new_empty(0)), parts
 
 
 @_window_attention_qkv_backward.register_fake
-def _(do, dprefix_o, qkv, prefix_qkv, token_mask, o, prefix_o, lse, grid_h, grid_w, window, layout, scale):
-    return torch.empty_like(qkv), (torch.empty_like(prefix_qkv) if prefix_qkv is not None else qkv.new_empty(0))
+def _(do, dprefix_o, qkv, prefix_qkv, token_mask, o, prefix_o, lse, grid_h, grid_w, window, layout, scale,
+      bias_grad=False):
+    B, L, _, NH, D = qkv.shape
+    nW = _num_windows(qkv[:, :, 0], grid_h, grid_w, window, layout)
+    parts = qkv.new_empty((B * nW, 3, NH, D) if bias_grad else (0,), dtype=stat_dtype(qkv))
+    return (torch.empty_like(qkv), (torch.empty_like(prefix_qkv) if prefix_qkv is not None else qkv.new_empty(0)),
+            parts)
 
 
 def _wa_setup(ctx, inputs, output):
@@ -104,7 +129,7 @@ def _wa_setup(ctx, inputs, output):
 def _wa_autograd(ctx, do, dpo, _dlse):
     qkv, pqkv, tm, o, po, lse = ctx.saved_tensors
     do = torch.zeros_like(o) if do is None else do  # e.g. only the prefix output was used
-    dqkv, dpqkv = torch.ops.sapiens2.window_attention_qkv_backward(
+    dqkv, dpqkv, _ = torch.ops.sapiens2.window_attention_qkv_backward(
         do, dpo if ctx.has_prefix else None, qkv, pqkv, tm, o, po, lse, *ctx.meta)
     return dqkv, (dpqkv if ctx.has_prefix else None), None, None, None, None, None, None
 
@@ -208,6 +233,14 @@ def window_attention_qkv(
 ):
     """``window_attention`` on packed ``qkv (B, L, 3, heads, D)`` (and ``prefix_qkv (B, nW, 3, heads,
     D)``); returns ``o`` or ``(o, prefix_o)``. Gradients flow back packed, with no split copy."""
+    gh, gw = check_window_attention_qkv(qkv, grid_hw, window, prefix_qkv, layout, token_mask)
+    scale = 1.0 / math.sqrt(qkv.shape[-1]) if scale is None else float(scale)
+    o, po, _ = torch.ops.sapiens2.window_attention_qkv(qkv, prefix_qkv, token_mask, gh, gw, window, layout, scale)
+    return (o, po) if prefix_qkv is not None else o
+
+
+def check_window_attention_qkv(qkv, grid_hw, window, prefix_qkv=None, layout="grid", token_mask=None):
+    """Validate the packed op's arguments (clear errors naming them); returns the grid ``(gh, gw)``."""
     _check_packed("qkv", qkv, 3)
     q = qkv[:, :, 0]
     B, nW, gh, gw = _check_window_inputs(q, q, q, grid_hw, window, layout)
@@ -224,9 +257,7 @@ def window_attention_qkv(
             raise TypeError(f"token_mask must be a bool tensor, got {token_mask.dtype}")
         check_shape("token_mask", token_mask, (B, gh * gw))
         check_same_device(qkv=qkv, token_mask=token_mask)
-    scale = 1.0 / math.sqrt(qkv.shape[-1]) if scale is None else float(scale)
-    o, po, _ = torch.ops.sapiens2.window_attention_qkv(qkv, prefix_qkv, token_mask, gh, gw, window, layout, scale)
-    return (o, po) if prefix_qkv is not None else o
+    return gh, gw
 
 
 def cls_pool_kv(

@@ -155,3 +155,57 @@ def test_packed_errors():
         ops.window_attention_qkv(qkv, (8, 8), 4, prefix_qkv=torch.randn(1, 3, 3, 2, 16))
     with pytest.raises(ValueError, match="kv must be"):
         ops.cls_pool_kv(torch.randn(1, 4, 3, 2, 16), qkv, (8, 8), 4)
+
+
+@pytest.mark.parametrize("backend", ["reference", "triton"])
+@pytest.mark.parametrize("layout", ["grid", "windows"])
+def test_projected_equals_composition(backend, layout):
+    """window_attention_projected (fused backward: the kernel's bias partials, one accumulated
+    weight-gradient GEMM) gives the gradients of F.linear + window_attention_qkv."""
+    import torch.nn.functional as F
+
+    g = torch.Generator().manual_seed(7)
+    B, gh, gw, w, H, D = 2, 8, 8, 4, 2, 16
+    C = H * D
+    x = torch.randn(B, gh * gw, C, generator=g, dtype=torch.float64)
+    px = torch.randn(B, 4, C, generator=g, dtype=torch.float64)
+    W = torch.randn(3 * C, C, generator=g, dtype=torch.float64) * 0.2
+    b = torch.randn(3 * C, generator=g, dtype=torch.float64)
+    do, dpo = torch.randn(B, gh * gw, H, D, generator=g, dtype=torch.float64), torch.randn(B, 4, H, D, generator=g,
+                                                                                         dtype=torch.float64)
+    dt = torch.float64 if backend == "reference" else torch.float32
+    results = []
+    for fused in (True, False):
+        ins = [t.to(dt).requires_grad_() for t in (x, px, W, b)]
+        with use_backend(backend, strict=backend != "reference"):
+            if fused:
+                o, po = ops.window_attention_projected(ins[0], ins[2], ins[3], H, (gh, gw), w, prefix_x=ins[1],
+                                                       layout=layout)
+            else:
+                qkv = F.linear(ins[0], ins[2], ins[3]).view(B, gh * gw, 3, H, D)
+                pqkv = F.linear(ins[1], ins[2], ins[3]).view(B, 4, 3, H, D)
+                o, po = ops.window_attention_qkv(qkv, (gh, gw), w, prefix_qkv=pqkv, layout=layout)
+            grads = torch.autograd.grad((o, po), ins, (do.to(dt), dpo.to(dt)))
+        results.append((o.detach(), po.detach(), grads))
+    (o1, po1, g1), (o2, po2, g2) = results
+    tol = dict(rtol=1e-10, atol=1e-10) if dt == torch.float64 else dict(rtol=1e-4, atol=1e-4)
+    torch.testing.assert_close(o1, o2, **tol)
+    torch.testing.assert_close(po1, po2, **tol)
+    for name, a, e in zip(("dx", "dprefix_x", "dweight", "dbias"), g1, g2):
+        torch.testing.assert_close(a, e, **tol, msg=name)
+
+
+@pytest.mark.parametrize("backend", ["reference", "triton"])
+def test_bias_partials(backend):
+    """bias_grad=True: per-window column sums of the stored gradients, summing to the bias gradient."""
+    qkv, pqkv = (t.float() for t in _inputs(2, 8, 12, 4, 2, 16, True, torch.float32, seed=9))
+    with use_backend(backend, strict=backend != "reference"):
+        o, po, lse = torch.ops.sapiens2.window_attention_qkv(qkv, pqkv, None, 8, 12, 4, "grid", 0.25)
+        do, dpo = torch.randn_like(o), torch.randn_like(po)
+        dqkv, dpre, parts = torch.ops.sapiens2.window_attention_qkv_backward(
+            do, dpo, qkv, pqkv, None, o, po, lse, 8, 12, 4, "grid", 0.25, True)
+        torch.library.opcheck(torch.ops.sapiens2.window_attention_qkv_backward,
+                              (do, dpo, qkv, pqkv, None, o, po, lse, 8, 12, 4, "grid", 0.25, True))
+    assert parts.shape == (2 * 6, 3, 2, 16) and parts.dtype == torch.float32
+    total = dqkv.double().sum((0, 1)) + dpre.double().sum((0, 1))
+    torch.testing.assert_close(parts.double().sum(0), total, rtol=1e-5, atol=1e-5)
