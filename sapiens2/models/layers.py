@@ -47,10 +47,10 @@ class SwiGLUFFN(nn.Module):
         self.w12 = nn.Linear(dim, 2 * hidden, bias=bias)
         self.w3 = nn.Linear(hidden, dim, bias=bias)
 
-    def forward(self, x: Tensor, keep_hidden: bool = False) -> Tensor:
+    def forward(self, x: Tensor, keep_hidden: bool = False, x_b: Optional[Tensor] = None):
         # the hidden activation is recomputed in backward rather than kept (ops.swiglu_ffn), unless
-        # this forward is itself a recompute (keep_hidden: see ops.swiglu_ffn)
-        return ops.swiglu_ffn(x, self.w12.weight, self.w12.bias, self.w3.weight, self.w3.bias, keep_hidden)
+        # this forward is itself a recompute (keep_hidden); x_b: second rows sharing the weights
+        return ops.swiglu_ffn(x, self.w12.weight, self.w12.bias, self.w3.weight, self.w3.bias, keep_hidden, x_b)
 
 
 class Attention(nn.Module):

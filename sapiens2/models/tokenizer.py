@@ -86,11 +86,13 @@ class WindowTokenizer(nn.Module):
                 ot, oc = ops.window_attention_projected(yt, w_qkv, b_qkv, H, grid_hw, w, prefix_x=yc,
                                                         layout=layout)
                 yt, t = blk.ln2(attn.proj(ot.flatten(2)), residual=t)
-                t_pend = blk.ffn(yt, keep_hidden=self.checkpoint)
+                yc, c = blk.ln2(attn.proj(oc.flatten(2)), residual=c)
+                # tokens and CLS rows through one FFN call: weight gradients accumulate GEMM into GEMM
+                t_pend, c_pend = blk.ffn(yt, keep_hidden=self.checkpoint, x_b=yc)
             else:  # only the CLS rows survive the last layer: the tokens need k and v only
                 qkv_c = F.linear(yc, w_qkv, b_qkv).view(B, nW, 3, H, -1)
                 kv_t = F.linear(yt, w_qkv[C:], None if b_qkv is None else b_qkv[C:]).view(B, L, 2, H, -1)
                 oc = ops.cls_pool_kv(qkv_c, kv_t, grid_hw, w, layout=layout)
-            yc, c = blk.ln2(attn.proj(oc.flatten(2)), residual=c)
-            c_pend = blk.ffn(yc, keep_hidden=self.checkpoint)
+                yc, c = blk.ln2(attn.proj(oc.flatten(2)), residual=c)
+                c_pend = blk.ffn(yc, keep_hidden=self.checkpoint)
         return settle(c, c_pend)

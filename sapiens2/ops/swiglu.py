@@ -122,46 +122,76 @@ class _SwiGLUFFN(torch.autograd.Function):
 
         ds = dy W3;  (s, dx12, db12) = swiglu_recompute_backward(ds, x12)
         dW3 = dy^T s;  db3 = sum_rows(dy);  dW12 = dx12^T x;  dx = dx12 W12
+
+    A second set of rows ``x_b`` sharing the weights (the tokenizer's CLS rows beside its tokens) goes
+    through the same function: its weight-gradient GEMMs accumulate into the first set's (``addmm``)
+    instead of a separate weight-sized add.
     """
 
     @staticmethod
-    def forward(ctx, x: Tensor, w12: Tensor, b12, w3: Tensor, b3, keep_hidden: bool = False):
-        x12 = F.linear(x, w12, b12)
-        s = torch.ops.sapiens2.swiglu(x12)
+    def forward(ctx, x: Tensor, x_b, w12: Tensor, b12, w3: Tensor, b3, keep_hidden: bool = False):
         ctx.keep_hidden = keep_hidden
-        ctx.save_for_backward(x, x12, w12, w3, s if keep_hidden else None)
         ctx.biases = (b12 is not None, b3 is not None)
-        return F.linear(s, w3, b3)
+        ctx.has_b = x_b is not None
+        saved, outs = [], []
+        for xi in (x, x_b) if x_b is not None else (x,):
+            x12 = F.linear(xi, w12, b12)
+            s = torch.ops.sapiens2.swiglu(x12)
+            saved += [xi, x12, s if keep_hidden else None]
+            outs.append(F.linear(s, w3, b3))
+        if x_b is None:
+            saved += [None, None, None]
+        ctx.save_for_backward(w12, w3, *saved)
+        return outs[0], (outs[1] if x_b is not None else None)
 
     @staticmethod
-    def backward(ctx, dy: Tensor):
-        x, x12, w12, w3, s = ctx.saved_tensors
+    def backward(ctx, dy: Tensor, dy_b):
+        w12, w3, *saved = ctx.saved_tensors
         has_b12, has_b3 = ctx.biases
-        need = ctx.needs_input_grad
-        dy2 = dy.reshape(-1, dy.shape[-1])
-        if ctx.keep_hidden and has_b12 and need[2]:  # s kept: dx12 and the bias gradient only
-            dx12, db12 = torch.ops.sapiens2.swiglu_bias_backward(dy @ w3, x12)
-        elif ctx.keep_hidden:
-            dx12, db12 = torch.ops.sapiens2.swiglu_backward(dy @ w3, x12), None
-        else:
-            s, dx12, db12 = torch.ops.sapiens2.swiglu_recompute_backward(dy @ w3, x12, has_b12 and need[2])
-        dx12_2 = dx12.reshape(-1, dx12.shape[-1])
-        dw3 = dy2.t() @ s.reshape(-1, s.shape[-1]) if need[3] else None
-        db3 = dy2.sum(0) if has_b3 and need[4] else None
-        dw12 = dx12_2.t() @ x.reshape(-1, x.shape[-1]) if need[1] else None
-        dx = dx12 @ w12 if need[0] else None
-        return dx, dw12, (db12 if has_b12 and need[2] else None), dw3, db3, None
+        need = ctx.needs_input_grad  # (x, x_b, w12, b12, w3, b3, keep_hidden)
+        bias12 = has_b12 and need[3]
+        dxs, dw12, db12, dw3, db3 = [None, None], None, None, None, None
+        for i in range(2 if ctx.has_b else 1):
+            x, x12, s = saved[3 * i:3 * i + 3]
+            g = dy if i == 0 else dy_b
+            if g is None:
+                continue
+            ds = g @ w3
+            if ctx.keep_hidden and bias12:  # s kept: dx12 and the bias gradient only
+                dx12, db = torch.ops.sapiens2.swiglu_bias_backward(ds, x12)
+            elif ctx.keep_hidden:
+                dx12, db = torch.ops.sapiens2.swiglu_backward(ds, x12), None
+            else:
+                s, dx12, db = torch.ops.sapiens2.swiglu_recompute_backward(ds, x12, bias12)
+            g2 = g.reshape(-1, g.shape[-1])
+            dx12_2 = dx12.reshape(-1, dx12.shape[-1])
+            if need[4]:
+                s2 = s.reshape(-1, s.shape[-1])
+                dw3 = g2.t() @ s2 if dw3 is None else torch.addmm(dw3, g2.t(), s2)
+            if need[2]:
+                x2 = x.reshape(-1, x.shape[-1])
+                dw12 = dx12_2.t() @ x2 if dw12 is None else torch.addmm(dw12, dx12_2.t(), x2)
+            if bias12:
+                db12 = db if db12 is None else db12 + db
+            if has_b3 and need[5]:
+                db3 = g2.sum(0) if db3 is None else db3 + g2.sum(0)
+            if need[i]:
+                dxs[i] = dx12 @ w12
+        return dxs[0], dxs[1], dw12, db12, dw3, db3, None
 
 
 def swiglu_ffn(x: Tensor, w12: Tensor, b12: "Tensor | None", w3: Tensor, b3: "Tensor | None",
-               keep_hidden: bool = False) -> Tensor:
+               keep_hidden: bool = False, x_b: "Tensor | None" = None):
     """The SwiGLU FFN ``w3(silu(a) * b)``, ``a, b = w12(x).chunk(2, -1)``, with a backward that
     recomputes the hidden activation instead of keeping it. ``x``: ``(..., C)``; ``w12``: ``(2F, C)``;
     ``w3``: ``(C_out, F)``; biases or None.
 
     ``keep_hidden=True`` keeps ``s = swiglu(x12)`` for backward instead (F more values per token)
     and skips its recompute: right where the forward itself is a recompute (activation
-    checkpointing), whose saved tensors live only until the backward consumes them."""
+    checkpointing), whose saved tensors live only until the backward consumes them.
+
+    ``x_b``: a second set of rows ``(..., C)`` through the same weights; then ``(y, y_b)`` is returned
+    and the weight gradients of both sets are accumulated GEMM into GEMM."""
     for name, t in (("x", x), ("w12", w12), ("w3", w3)):
         check_float(name, t)
     if w12.dim() != 2 or w12.shape[1] != x.shape[-1] or w12.shape[0] % 2:
@@ -172,4 +202,10 @@ def swiglu_ffn(x: Tensor, w12: Tensor, b12: "Tensor | None", w3: Tensor, b3: "Te
         raise ValueError(f"b12 must have shape ({w12.shape[0]},), got {tuple(b12.shape)}")
     if b3 is not None and tuple(b3.shape) != (w3.shape[0],):
         raise ValueError(f"b3 must have shape ({w3.shape[0]},), got {tuple(b3.shape)}")
-    return _SwiGLUFFN.apply(x, w12, b12, w3, b3, keep_hidden)
+    if x_b is not None:
+        check_float("x_b", x_b)
+        if x_b.shape[-1] != x.shape[-1] or x_b.dtype != x.dtype:
+            raise ValueError(f"x_b must have x's width {x.shape[-1]} and dtype {x.dtype}, got {tuple(x_b.shape)}, "
+                             f"{x_b.dtype}")
+        return _SwiGLUFFN.apply(x, x_b, w12, b12, w3, b3, keep_hidden)
+    return _SwiGLUFFN.apply(x, None, w12, b12, w3, b3, keep_hidden)[0]

@@ -104,3 +104,34 @@ def test_ffn_keep_hidden_equals_recompute(backend):
 def test_empty():
     assert SW.swiglu_fwd(torch.empty(0, 8)).shape == (0, 4)
     assert SW.swiglu_bwd(torch.empty(0, 4), torch.empty(0, 8)).shape == (0, 8)
+
+
+@pytest.mark.parametrize("backend", ["reference", "triton"])
+@pytest.mark.parametrize("keep", [False, True])
+def test_ffn_second_rows_equal_separate_calls(backend, keep):
+    """swiglu_ffn(x, ..., x_b=x_b): the same outputs and gradients as two calls, weight gradients
+    accumulated into one GEMM's output."""
+    from sapiens2 import ops
+
+    gen = torch.Generator().manual_seed(4)
+    x, xb = torch.randn(2, 9, 64, generator=gen, dtype=torch.float64), torch.randn(2, 3, 64, generator=gen,
+                                                                                 dtype=torch.float64)
+    w12, b12 = torch.randn(256, 64, generator=gen, dtype=torch.float64) * 0.1, torch.randn(256, generator=gen,
+                                                                                         dtype=torch.float64)
+    w3, b3 = torch.randn(64, 128, generator=gen, dtype=torch.float64) * 0.1, torch.randn(64, generator=gen,
+                                                                                       dtype=torch.float64)
+    dy, dyb = torch.randn(2, 9, 64, generator=gen, dtype=torch.float64), torch.randn(2, 3, 64, generator=gen,
+                                                                                   dtype=torch.float64)
+    dt = torch.float64 if backend == "reference" else torch.float32
+    out = []
+    for paired in (True, False):
+        ins = [t.to(dt).requires_grad_() for t in (x, xb, w12, b12, w3, b3)]
+        with ops.use_backend(backend, strict=backend != "reference"):
+            if paired:
+                y, yb = ops.swiglu_ffn(ins[0], *ins[2:], keep_hidden=keep, x_b=ins[1])
+            else:
+                y, yb = (ops.swiglu_ffn(ins[j], *ins[2:], keep_hidden=keep) for j in (0, 1))
+            out.append(((y.detach(), yb.detach()), torch.autograd.grad((y, yb), ins, (dy.to(dt), dyb.to(dt)))))
+    tol = dict(rtol=1e-10, atol=1e-10) if dt == torch.float64 else dict(rtol=1e-5, atol=1e-5)
+    for a, b in zip(out[0][0] + out[0][1], out[1][0] + out[1][1]):
+        torch.testing.assert_close(a, b, **tol)
