@@ -13,15 +13,22 @@
 
 #include <string>
 
-#include "kernels/device_common.cuh"
+// Host code only: the C API's codes, never the device-side kernel header (it needs nvcc or the
+// emulator). The emulation build also needs the emulator's last-error message.
+#include "kernels/c_api.h"
+#ifdef SAPIENS2_EMU
+#include "emu/cuda_emu.h"
+#endif
 
 #ifdef SAPIENS2_EMU
 #define S2_NS sapiens2_emu
 #define S2_DEVICE_KEY CPU
 #define S2_DEVICE_NAME "CPU (emulation)"
 #else
-#include <ATen/cuda/CUDAContext.h>
+// c10's stream and guard only (not ATen/cuda/CUDAContext.h, which pulls in cuBLAS/cuSPARSE headers)
 #include <c10/cuda/CUDAGuard.h>
+#include <c10/cuda/CUDAStream.h>
+#include <cuda_runtime_api.h>
 #define S2_NS sapiens2_cuda
 #define S2_DEVICE_KEY CUDA
 #define S2_DEVICE_NAME "CUDA"
@@ -86,7 +93,7 @@ inline void* stream() {
 #ifdef SAPIENS2_EMU
   return nullptr;
 #else
-  return at::cuda::getCurrentCUDAStream().stream();
+  return c10::cuda::getCurrentCUDAStream().stream();
 #endif
 }
 
@@ -96,7 +103,10 @@ inline int row_programs(int64_t rows, int per_sm = 4) {
 #ifdef SAPIENS2_EMU
   const int64_t sms = 3;
 #else
-  const int64_t sms = at::cuda::getCurrentDeviceProperties()->multiProcessorCount;
+  int device = 0, count = 0;
+  C10_CUDA_CHECK(cudaGetDevice(&device));
+  C10_CUDA_CHECK(cudaDeviceGetAttribute(&count, cudaDevAttrMultiProcessorCount, device));
+  const int64_t sms = count;
 #endif
   return int(std::max<int64_t>(1, std::min<int64_t>(rows, sms * per_sm)));
 }

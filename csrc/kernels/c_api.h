@@ -13,3 +13,20 @@
 #else
 #define S2_API
 #endif
+
+#ifdef __cplusplus
+namespace s2 {
+
+// Storage dtypes, numbered as the bindings and the emulation C API pass them.
+enum DType : int { kFloat32 = 0, kFloat16 = 1, kBFloat16 = 2 };
+
+enum Status : int {
+  kOk = 0,
+  kBadDType = 1,
+  kBadShape = 2,
+  kBadAlignment = 3,
+  kLaunchFailed = 4,
+};
+
+}  // namespace s2
+#endif

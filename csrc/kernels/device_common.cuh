@@ -21,18 +21,9 @@
 
 #include <cstdint>
 
+#include "c_api.h"  // s2::DType, s2::Status
+
 namespace s2 {
-
-// Storage dtypes, numbered as the bindings and the emulation C API pass them.
-enum DType : int { kFloat32 = 0, kFloat16 = 1, kBFloat16 = 2 };
-
-enum Status : int {
-  kOk = 0,
-  kBadDType = 1,
-  kBadShape = 2,
-  kBadAlignment = 3,
-  kLaunchFailed = 4,
-};
 
 __device__ __forceinline__ float to_f32(float v) { return v; }
 __device__ __forceinline__ float to_f32(__half v) { return __half2float(v); }
