@@ -60,6 +60,25 @@ at::Tensor swiglu_bwd(const at::Tensor& dy, const at::Tensor& x12) {
   return dx12;
 }
 
+// The backward pass with the w12 bias gradient (s written unless NULL): dx12 and the per-block fp32
+// partial rows, reduced by s2_column_sum into db12 (2F,) in x12's dtype.
+at::Tensor bias_pass(const at::Tensor& ds, const at::Tensor& x12, void* s, const at::Tensor& dx12, const Rows& r,
+                     int dt, const char* op) {
+  // Row blocks for the bias gradient: about 4 blocks per SM over all column tiles, so the fp32
+  // partial rows stay few (the column sum reads programs x 2F floats).
+  const int64_t tiles = std::max<int64_t>(1, s2_swiglu_column_tiles(dt, r.F));
+  const int64_t blocks = s2b::row_programs(std::numeric_limits<int64_t>::max(), 4);
+  const int programs = int(std::clamp<int64_t>((blocks + tiles - 1) / tiles, 1, std::max<int64_t>(r.rows, 1)));
+  at::Tensor db_part = at::empty({programs, 2 * r.F}, x12.options().dtype(at::kFloat));
+  s2b::check_status(s2_swiglu_recompute_bwd(dt, ds.data_ptr(), x12.data_ptr(), s, dx12.data_ptr(),
+                                            db_part.data_ptr<float>(), r.rows, r.F, programs, s2b::stream()),
+                    op);
+  at::Tensor db = at::empty({2 * r.F}, x12.options());
+  s2b::check_status(s2_column_sum(dt, db_part.data_ptr<float>(), db.data_ptr(), programs, 2 * r.F, s2b::stream()),
+                    op);
+  return db;
+}
+
 // -> (s, dx12, db12); db12 is (2F,) in x12's dtype when bias_grad, else an empty tensor.
 std::tuple<at::Tensor, at::Tensor, at::Tensor> swiglu_recompute_bwd(const at::Tensor& ds, const at::Tensor& x12,
                                                                     bool bias_grad) {
@@ -76,19 +95,18 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor> swiglu_recompute_bwd(const at::Te
                       op);
     return {s, dx12, x12.new_empty({0})};
   }
-  // Row blocks for the bias gradient: about 4 blocks per SM over all column tiles, so the fp32
-  // partial rows stay few (the column sum reads programs x 2F floats).
-  const int64_t tiles = std::max<int64_t>(1, s2_swiglu_column_tiles(dt, r.F));
-  const int64_t blocks = s2b::row_programs(std::numeric_limits<int64_t>::max(), 4);
-  const int programs = int(std::clamp<int64_t>((blocks + tiles - 1) / tiles, 1, std::max<int64_t>(r.rows, 1)));
-  at::Tensor db_part = at::empty({programs, 2 * r.F}, x12.options().dtype(at::kFloat));
-  s2b::check_status(s2_swiglu_recompute_bwd(dt, ds.data_ptr(), x12.data_ptr(), s.data_ptr(), dx12.data_ptr(),
-                                            db_part.data_ptr<float>(), r.rows, r.F, programs, s2b::stream()),
-                    op);
-  at::Tensor db = at::empty({2 * r.F}, x12.options());
-  s2b::check_status(s2_column_sum(dt, db_part.data_ptr<float>(), db.data_ptr(), programs, 2 * r.F, s2b::stream()),
-                    op);
-  return {s, dx12, db};
+  return {s, dx12, bias_pass(ds, x12, s.data_ptr(), dx12, r, dt, op)};
+}
+
+// -> (dx12, db12): swiglu_recompute_bwd with the bias gradient, without writing s.
+std::tuple<at::Tensor, at::Tensor> swiglu_bias_bwd(const at::Tensor& ds, const at::Tensor& x12) {
+  const char* op = "swiglu_bias_bwd";
+  const Rows r = check_x12(x12, op);
+  check_grad(ds, x12, op, "ds");
+  const int dt = s2b::dtype_code(x12, op, "x12");
+  S2_DEVICE_GUARD(x12);
+  at::Tensor dx12 = at::empty_like(x12);
+  return {dx12, bias_pass(ds, x12, nullptr, dx12, r, dt, op)};
 }
 
 }  // namespace
@@ -97,12 +115,14 @@ S2_FRAGMENT(m) {
   m.def("swiglu_fwd(Tensor x12) -> Tensor");
   m.def("swiglu_bwd(Tensor dy, Tensor x12) -> Tensor");
   m.def("swiglu_recompute_bwd(Tensor ds, Tensor x12, bool bias_grad) -> (Tensor, Tensor, Tensor)");
+  m.def("swiglu_bias_bwd(Tensor ds, Tensor x12) -> (Tensor, Tensor)");
 }
 
 static void register_impls(torch::Library& m) {
   m.impl("swiglu_fwd", &swiglu_fwd);
   m.impl("swiglu_bwd", &swiglu_bwd);
   m.impl("swiglu_recompute_bwd", &swiglu_recompute_bwd);
+  m.impl("swiglu_bias_bwd", &swiglu_bias_bwd);
 }
 
 S2_REGISTER_IMPLS(register_impls)

@@ -8,7 +8,9 @@
 //              da = dy * b * sg * (1 + a * (1 - sg)),   db = dy * a * sg
 //   recompute  the same pass also re-emits s = y (for the w3 weight gradient) and the w12 bias
 //              gradient db12 = sum_rows(dx12), summed from dx12 as it is stored (rounded to T), as
-//              the reference sums the stored tensor.
+//              the reference sums the stored tensor;
+//   bias       the recompute pass without s (a caller that kept the hidden activation): dx12 and
+//              the bias gradient's partial rows only.
 //
 // Layout: grid.x tiles a row's F output columns (one vector of VEC columns per thread: 128-bit
 // accesses when F is a multiple of 16 bytes of elements and the pointers are aligned, else single
@@ -30,7 +32,7 @@ namespace swiglu_kernels {
 constexpr int kMaxThreads = 256;
 constexpr int64_t kMaxGridY = 65535;
 
-enum Pass : int { kForward = 0, kBackward = 1, kRecompute = 2 };
+enum Pass : int { kForward = 0, kBackward = 1, kRecompute = 2, kBias = 3 };
 
 template <class T, int VEC>
 __device__ __forceinline__ void load_floats(const T* p, float* out) {
@@ -78,8 +80,9 @@ __device__ __forceinline__ void store_partial(float* p, const float* in) {
 // and a correctly rounded reciprocal, which fast-math leaves exact.
 __device__ __forceinline__ float sigmoid(float a) { return __frcp_rn(1.0f + __expf(-a)); }
 
-// x12 (rows, 2F); `grad` is dy (backward) or ds (recompute), (rows, F); `y` is y (forward) or s
-// (recompute), (rows, F); dx12 (rows, 2F); db_part (gridDim.y, 2F) or NULL.
+// x12 (rows, 2F); `grad` is dy (backward) or ds (recompute, bias), (rows, F); `y` is y (forward) or s
+// (recompute), (rows, F), unused by the other passes; dx12 (rows, 2F); db_part (gridDim.y, 2F) or
+// NULL (recompute), (gridDim.y, 2F) (bias).
 template <class T, int VEC, int PASS>
 __global__ void __launch_bounds__(kMaxThreads) swiglu_kernel(const T* __restrict__ x12, const T* __restrict__ grad,
                                                              T* __restrict__ y, T* __restrict__ dx12,
@@ -97,7 +100,7 @@ __global__ void __launch_bounds__(kMaxThreads) swiglu_kernel(const T* __restrict
     float sg[VEC];
 #pragma unroll
     for (int j = 0; j < VEC; ++j) sg[j] = sigmoid(a[j]);
-    if constexpr (PASS != kBackward) {
+    if constexpr (PASS == kForward || PASS == kRecompute) {
       float out[VEC];
 #pragma unroll
       for (int j = 0; j < VEC; ++j) out[j] = a[j] * sg[j] * b[j];
@@ -118,7 +121,7 @@ __global__ void __launch_bounds__(kMaxThreads) swiglu_kernel(const T* __restrict
       store_floats<T, VEC>(drow + F + c, db);
     }
   }
-  if constexpr (PASS == kRecompute) {
+  if constexpr (PASS == kRecompute || PASS == kBias) {
     if (db_part != nullptr) {
       float* part = db_part + int64_t(blockIdx.y) * 2 * F;
       store_partial<VEC>(part + c, sum_da);
@@ -202,8 +205,16 @@ int s2_swiglu_recompute_bwd(int dtype, const void* ds, const void* x12, void* s,
   if (F == 0 || (rows == 0 && db_part == nullptr)) return s2::kOk;
   // With partial rows every one of the `programs` blocks rows writes its row, even for rows == 0.
   const int64_t grid_rows = db_part != nullptr ? programs : k::rows_grid(rows);
-  S2_DISPATCH_DTYPE(dtype, T,
-                    return k::launch<T, k::kRecompute>(x12, ds, s, dx12, db_part, rows, F, grid_rows, stream));
+  if (s != nullptr) {
+    S2_DISPATCH_DTYPE(dtype, T,
+                      return k::launch<T, k::kRecompute>(x12, ds, s, dx12, db_part, rows, F, grid_rows, stream));
+  } else if (db_part != nullptr) {
+    S2_DISPATCH_DTYPE(dtype, T,
+                      return k::launch<T, k::kBias>(x12, ds, nullptr, dx12, db_part, rows, F, grid_rows, stream));
+  } else {
+    S2_DISPATCH_DTYPE(dtype, T,
+                      return k::launch<T, k::kBackward>(x12, ds, nullptr, dx12, nullptr, rows, F, grid_rows, stream));
+  }
   return s2::kBadDType;
 }
 

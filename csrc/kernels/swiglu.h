@@ -22,7 +22,8 @@ S2_API int s2_swiglu_bwd(int dtype, const void* dy, const void* x12, void* dx12,
 // One pass over x12 in the FFN backward: s = silu(a) * b, dx12 as s2_swiglu_bwd (from ds), and, when
 // db_part is not NULL, db_part[p] = sum over the rows of block row p of dx12 as stored (rounded to
 // dtype). `programs` blocks share the rows (row = p, p + programs, ...); every block writes its
-// partial row even when rows == 0.
+// partial row even when rows == 0. s may be NULL: then it is not written (dx12 and the bias
+// partials only, for a caller that kept the hidden activation).
 S2_API int s2_swiglu_recompute_bwd(int dtype, const void* ds, const void* x12, void* s, void* dx12, float* db_part,
                                    int64_t rows, int64_t F, int programs, void* stream);
 

@@ -27,19 +27,25 @@
 // Backward (flash-style, P recomputed from the saved lse): delta_i = dO_i . O_i (accumulated while
 //   dO and O are loaded: O is never staged), p_ij = exp(s_ij*scale - lse_i),
 //   dS_ij = p_ij (dO_i . v_j - delta_i) scale. Phase 1, thread = query i: P and dS into shared
-//   memory (transposed, [key][query]) and dQ_i = sum_j dS_ij k_j, stored straight from registers.
-//   Phase 2, thread = key j: dK_j = sum_i dS_ij q_i and dV_j = sum_i p_ij dO_i into the (now dead)
-//   K and V tiles, then a coalesced store. A window's keys are attended by that window's queries
-//   only: no atomics, no zero-fill, every output byte written once.
+//   memory (transposed, [key][query]). Then, each into the tile of an operand dead by then:
+//   phase 2 (thread = key j) dV_j = sum_i p_ij dO_i into the V tile, phase 3 (thread = query i)
+//   dQ_i = sum_j dS_ij k_j into the dO tile, phase 4 (thread = key j) dK_j = sum_i dS_ij q_i into
+//   the K tile; each result tile is stored coalesced (through the outputs' row strides: dq, dk,
+//   dv may be the slots of one packed dqkv) during the next phase, and, for the q/k/v bias
+//   gradient, summed over its rows as rounded for the store into the window's fp32 partial row.
+//   A window's keys are attended by that window's queries only: no atomics, no zero-fill, every
+//   output byte written once.
 // cls_pool: one query per unit (the CLS), keys = its CLS key + the w*w tokens. Forward: scores
 //   (thread per (unit, key)), softmax (thread per unit), o = sum_j p_j v_j (thread per 4-wide
 //   chunk of D, V read straight from global memory, coalesced). Backward likewise with
 //   dK_j = dS_j cq, dV_j = p_j dO, dcq = sum_j dS_j k_j (dck, dcv are the j = 0 terms).
 //
-// Global traffic: every input byte is read once per kernel and every output byte written once
-// (asserted by the emulator's byte accounting in tests/cuda/test_window_attention_cuda.py); the
-// bool token_mask (1 byte per token) is read once per head. Strided inputs (q, k, v as views of a
-// fused QKV output) cost nothing extra: rows are addressed as b*sb + row*st + head*D.
+// Global traffic: every input byte is read once per kernel and every output byte (the bias
+// partials included) written once (asserted by the emulator's byte accounting in
+// tests/cuda/test_window_attention_cuda.py, packed gradient buffers tracked whole); the bool
+// token_mask (1 byte per token) is read once per head. Strided inputs (q, k, v as views of a fused
+// QKV output) and strided gradient outputs (slots of a packed dqkv) cost nothing extra: rows are
+// addressed as b*sb + row*st + head*D.
 // Accesses are 4 elements wide (16 B in fp32, 8 B in fp16/bf16) when every pointer and stride
 // allows it, else scalar.
 #include "device_common.cuh"
@@ -105,6 +111,19 @@ __device__ __forceinline__ void axpy4(F4& acc, float s, const F4& b) {
 
 __device__ __forceinline__ F4 scale4(const F4& a, float s) { return F4{a.x * s, a.y * s, a.z * s, a.w * s}; }
 
+__device__ __forceinline__ void add4(F4& acc, const F4& b) {
+  acc.x += b.x;
+  acc.y += b.y;
+  acc.z += b.z;
+  acc.w += b.w;
+}
+
+// The values as a store to T rounds them.
+template <class T>
+__device__ __forceinline__ F4 round4(const F4& a) {
+  return F4{round_to<T>(a.x), round_to<T>(a.y), round_to<T>(a.z), round_to<T>(a.w)};
+}
+
 // 4 consecutive elements of global memory as fp32: one 4-element vector access when `vec`.
 template <class T>
 __device__ __forceinline__ F4 gload4(const T* p, bool vec) {
@@ -140,17 +159,25 @@ struct View {
   int64_t sb, st;
 };
 
+// A (B, rows, heads, D) output, likewise: e.g. dq, dk, dv as the slots of one packed dqkv.
+struct OView {
+  void* p;
+  int64_t sb, st;
+};
+
 struct Params {
   // inputs: token tensors (B, L, heads, D), prefix / CLS tensors (B, nW, heads, D)
   View q, k, v, pq, pk, pv, dout, dpo, o, po;
   const unsigned char* mask;  // (B, L) or null
   const float* lse;           // backward: the forward's lse
-  // outputs, contiguous: token (B, L, heads, D), prefix (B, nW, heads, D), lse
-  void *out, *out_pre, *dq, *dk, *dv, *dq_pre, *dk_pre, *dv_pre;
+  // outputs: token (B, L, heads, D), prefix (B, nW, heads, D) (the forward's contiguous, the
+  // gradients strided), lse; bias partials fp32 (B*nW, 3, heads, D) or null
+  OView out, out_pre, dq, dk, dv, dq_pre, dk_pre, dv_pre;
   float* lse_out;
+  float* bias;
   int64_t units;  // B * nW * heads
   int64_t L, nW, nWc, gw;
-  int H, D, w, P, S, G, Dp, C, Cr, Sr, grid, vec;
+  int H, D, w, P, S, G, Dp, C, Cr, Sr, grid, vec, bias_vec;
   float scale;
 };
 
@@ -266,11 +293,13 @@ __device__ __forceinline__ const T* row_in(const View& v, const Smem& s, const P
          int64_t(s.uh[g]) * p.D;
 }
 
+// Row (g, r)'s output row: the unit's prefix row of `pre` (r < P) or its token's row of `tok`.
 template <class T>
-__device__ __forceinline__ T* row_out(void* tok, void* pre, const Smem& s, const Params& p, int64_t u0, int g,
+__device__ __forceinline__ T* row_out(const OView& tok, const OView& pre, const Smem& s, const Params& p, int g,
                                       int r) {
-  if (r < p.P) return static_cast<T*>(pre) + (u0 + g) * p.D;
-  return static_cast<T*>(tok) + ((int64_t(s.ub[g]) * p.L + s.pos[g * p.S + r]) * p.H + s.uh[g]) * p.D;
+  const OView v = r < p.P ? pre : tok;  // by value, as in load_rows
+  return static_cast<T*>(v.p) + int64_t(s.ub[g]) * v.sb + int64_t(s.pos[g * p.S + r]) * v.st +
+         int64_t(s.uh[g]) * p.D;
 }
 
 // Chunk idx of the block's rows, in memory order: 4-element chunk c of unit g's row r, c fastest,
@@ -319,13 +348,33 @@ __device__ __forceinline__ void load_dout_rows(float* tile, float* dpart, const 
 }
 
 template <class T>
-__device__ __forceinline__ void store_rows(const float* tile, void* tok, void* pre, const Params& p, const Smem& s, int64_t u0,
-                           int Ge) {
+__device__ __forceinline__ void store_rows(const float* tile, const OView& tok, const OView& pre, const Params& p,
+                                           const Smem& s, int Ge) {
   const int n = Ge * p.S * p.C;
   for (int idx = threadIdx.x; idx < n; idx += blockDim.x) {
     const Chunk k = chunk_of(idx, p.C, Ge);
-    gstore4(row_out<T>(tok, pre, s, p, u0, k.g, k.r) + 4 * k.c, lds4(tile + (k.g * p.S + k.r) * p.Dp + 4 * k.c),
+    gstore4(row_out<T>(tok, pre, s, p, k.g, k.r) + 4 * k.c, lds4(tile + (k.g * p.S + k.r) * p.Dp + 4 * k.c),
             p.vec != 0);
+  }
+}
+
+// Bias partials of one gradient tile (slot 0 dq, 1 dk, 2 dv): per unit, the column sums of its S
+// rows as stored (rounded to T), tokens first, then the prefix row, into the unit's (slot, D) row
+// of the fp32 (B*nW, 3, heads, D) partials. Thread per 4-wide chunk: reads along a row (no bank
+// conflicts), coalesced stores.
+template <class T>
+__device__ __forceinline__ void store_bias(const float* tile, int slot, const Params& p, const Smem& s, int64_t u0,
+                                           int Ge) {
+  for (int idx = threadIdx.x; idx < Ge * p.C; idx += blockDim.x) {
+    const int g = idx / p.C, c = idx - g * p.C;
+    const float* col = tile + g * p.S * p.Dp + 4 * c;
+    F4 acc = zero4();
+    for (int r = p.P; r < p.S; ++r) add4(acc, round4<T>(lds4(col + r * p.Dp)));
+    if (p.P) add4(acc, round4<T>(lds4(col)));
+    const int h = s.uh[g];
+    // unit u = bw*H + h -> row (bw*3 + slot)*H + h = 3*(u - h) + slot*H + h
+    float* dst = p.bias + (3 * (u0 + g - h) + int64_t(slot) * p.H + h) * p.D + 4 * c;
+    gstore4<float>(dst, acc, p.bias_vec != 0);
   }
 }
 
@@ -358,6 +407,22 @@ __device__ __forceinline__ void row_scores(float (&sc)[SMAX], const float* q, co
 #pragma unroll
     for (int j = 0; j < SMAX; ++j)
       if (j < S) sc[j] += dot4(qv, lds4(kt + j * Dp + c));
+  }
+}
+
+// out[:] = sum_i a[i * as] x_i over the unit's S rows x_i (xt: its first row): the backward's
+// three products, a row of P or dS (from registers, a 128-bit shared load per 4 FMAs) per thread.
+template <int SMAX>
+__device__ __forceinline__ void ab_rows(float* out, const float* a, int as, const float* xt, int S, int D, int Dp) {
+  float r[SMAX];
+#pragma unroll
+  for (int i = 0; i < SMAX; ++i) r[i] = i < S ? a[i * as] : 0.0f;
+  for (int c = 0; c < D; c += 4) {
+    F4 acc = zero4();
+#pragma unroll
+    for (int i = 0; i < SMAX; ++i)
+      if (i < S) axpy4(acc, r[i], lds4(xt + i * Dp + c));
+    sts4(out + c, acc);
   }
 }
 
@@ -408,11 +473,13 @@ __global__ void __launch_bounds__(kMaxThreads) window_attention_fwd_kernel(const
     }
   }
   __syncthreads();
-  store_rows<T>(s.t0, p.out, p.out_pre, p, s, u0, Ge);
+  store_rows<T>(s.t0, p.out, p.out_pre, p, s, Ge);
 }
 
+// Min blocks 1: without it ptxas (sm_90a) capped the S = 17 variant at 48 registers and spilled;
+// occupancy is bound by shared memory anyway (two blocks of <= 128 threads per SM).
 template <class T, int SMAX>
-__global__ void __launch_bounds__(kMaxThreads) window_attention_bwd_kernel(const Params p) {
+__global__ void __launch_bounds__(kMaxThreads, 1) window_attention_bwd_kernel(const Params p) {
   S2_DYNAMIC_SMEM(float, smem);
   const Smem s = carve(kBwd, p.G, p.S, p.Dp, p.Cr, p.Sr, reinterpret_cast<char*>(smem));
   const int64_t u0 = int64_t(blockIdx.x) * p.G;
@@ -430,65 +497,42 @@ __global__ void __launch_bounds__(kMaxThreads) window_attention_bwd_kernel(const
   const int t = threadIdx.x;
   const bool active = t < Ge * S;
   const int g = active ? t / S : 0;
-  const int me = t - g * S;  // phase 1: query row; phase 2: key row
+  const int me = t - g * S;  // phase 1, 3: query row; phase 2, 4: key row
   float* ptg = s.pt + g * S * Sr;
   float* dstg = s.dst + g * S * Sr;
-  if (active) {  // phase 1: thread = query row i
+  if (active) {  // phase 1: thread = query row i: P and dS
     const float* valid = s.valid + g * S;
-    const float* kt = s.t1 + g * S * Dp;
     float delta = 0.0f;
     for (int c = 0; c < p.C; ++c) delta += s.dpart[t * p.Cr + c];
     const float lse = gload(p.lse + u0 * S + t);
     float r[SMAX];
-    row_scores<SMAX>(r, s.t0 + t * Dp, kt, S, D, Dp);
+    row_scores<SMAX>(r, s.t0 + t * Dp, s.t1 + g * S * Dp, S, D, Dp);
 #pragma unroll
     for (int j = 0; j < SMAX; ++j)
       if (j < S) ptg[j * Sr + me] = valid[j] != 0.0f ? expf(fmaf(r[j], p.scale, -lse)) : 0.0f;
     row_scores<SMAX>(r, s.t3 + t * Dp, s.t2 + g * S * Dp, S, D, Dp);  // dP_ij = dO_i . v_j
 #pragma unroll
-    for (int j = 0; j < SMAX; ++j) {
-      if (j < S) {
-        const float ds = ptg[j * Sr + me] * (r[j] - delta) * p.scale;
-        dstg[j * Sr + me] = ds;
-        r[j] = ds;
-      }
-    }
-    T* dq = row_out<T>(p.dq, p.dq_pre, s, p, u0, g, me);
-    for (int c = 0; c < D; c += 4) {  // dQ_i = sum_j dS_ij k_j, straight from registers
-      F4 acc = zero4();
-#pragma unroll
-      for (int j = 0; j < SMAX; ++j)
-        if (j < S) axpy4(acc, r[j], lds4(kt + j * Dp + c));
-      gstore4(dq + c, acc, p.vec != 0);
-    }
+    for (int j = 0; j < SMAX; ++j)
+      if (j < S) dstg[j * Sr + me] = ptg[j * Sr + me] * (r[j] - delta) * p.scale;
   }
   __syncthreads();
-  if (active) {  // phase 2: thread = key row j; K and V are dead, their tiles take dK and dV
-    const float* qt = s.t0 + g * S * Dp;
-    const float* dot = s.t3 + g * S * Dp;
-    float r[SMAX];
-#pragma unroll
-    for (int i = 0; i < SMAX; ++i) r[i] = i < S ? dstg[me * Sr + i] : 0.0f;
-    for (int c = 0; c < D; c += 4) {
-      F4 acc = zero4();
-#pragma unroll
-      for (int i = 0; i < SMAX; ++i)
-        if (i < S) axpy4(acc, r[i], lds4(qt + i * Dp + c));
-      sts4(s.t1 + t * Dp + c, acc);
-    }
-#pragma unroll
-    for (int i = 0; i < SMAX; ++i) r[i] = i < S ? ptg[me * Sr + i] : 0.0f;
-    for (int c = 0; c < D; c += 4) {
-      F4 acc = zero4();
-#pragma unroll
-      for (int i = 0; i < SMAX; ++i)
-        if (i < S) axpy4(acc, r[i], lds4(dot + i * Dp + c));
-      sts4(s.t2 + t * Dp + c, acc);
-    }
-  }
+  // The three products, each into the tile of an operand that is dead by then (no extra shared
+  // memory), each tile stored (and column-summed) in the phase after its own:
+  //   phase 2: dV_j = sum_i p_ij dO_i   -> V tile  (V last read in phase 1)
+  //   phase 3: dQ_i = sum_j dS_ij k_j   -> dO tile (dO last read in phase 2)
+  //   phase 4: dK_j = sum_i dS_ij q_i   -> K tile  (K last read in phase 3)
+  if (active) ab_rows<SMAX>(s.t2 + t * Dp, ptg + me * Sr, 1, s.t3 + g * S * Dp, S, D, Dp);
   __syncthreads();
-  store_rows<T>(s.t1, p.dk, p.dk_pre, p, s, u0, Ge);
-  store_rows<T>(s.t2, p.dv, p.dv_pre, p, s, u0, Ge);
+  if (active) ab_rows<SMAX>(s.t3 + t * Dp, dstg + me, Sr, s.t1 + g * S * Dp, S, D, Dp);
+  store_rows<T>(s.t2, p.dv, p.dv_pre, p, s, Ge);
+  if (p.bias != nullptr) store_bias<T>(s.t2, 2, p, s, u0, Ge);
+  __syncthreads();
+  if (active) ab_rows<SMAX>(s.t1 + t * Dp, dstg + me * Sr, 1, s.t0 + g * S * Dp, S, D, Dp);
+  store_rows<T>(s.t3, p.dq, p.dq_pre, p, s, Ge);
+  if (p.bias != nullptr) store_bias<T>(s.t3, 0, p, s, u0, Ge);
+  __syncthreads();
+  store_rows<T>(s.t1, p.dk, p.dk_pre, p, s, Ge);
+  if (p.bias != nullptr) store_bias<T>(s.t1, 1, p, s, u0, Ge);
 }
 
 // ---- cls_pool -----------------------------------------------------------------------------------
@@ -537,7 +581,7 @@ __global__ void __launch_bounds__(kMaxThreads) cls_pool_fwd_kernel(const Params 
     F4 acc = zero4();
     for (int j = 0; j < S; ++j)
       axpy4(acc, pr[j], gload4(row_in<T>(j < 1 ? p.pv : p.v, s, p, g, j) + 4 * c, p.vec != 0));
-    gstore4(static_cast<T*>(p.out) + (u0 + g) * D + 4 * c, acc, p.vec != 0);
+    gstore4(static_cast<T*>(p.out.p) + (u0 + g) * D + 4 * c, acc, p.vec != 0);
   }
 }
 
@@ -595,11 +639,11 @@ __global__ void __launch_bounds__(kMaxThreads) cls_pool_bwd_kernel(const Params 
 #pragma unroll 1  // two stores per key: unrolling buys nothing (and made ptxas spill for fp32 on sm_80)
     for (int j = 0; j < S; ++j) {
       const float ds = s.dst[g * S + j], pj = s.pt[g * S + j];
-      gstore4(row_out<T>(p.dk, p.dk_pre, s, p, u0, g, j) + 4 * c, scale4(q, ds), p.vec != 0);
-      gstore4(row_out<T>(p.dv, p.dv_pre, s, p, u0, g, j) + 4 * c, scale4(d, pj), p.vec != 0);
+      gstore4(row_out<T>(p.dk, p.dk_pre, s, p, g, j) + 4 * c, scale4(q, ds), p.vec != 0);
+      gstore4(row_out<T>(p.dv, p.dv_pre, s, p, g, j) + 4 * c, scale4(d, pj), p.vec != 0);
       axpy4(dcq, ds, lds4(s.t0 + (g * S + j) * Dp + 4 * c));
     }
-    gstore4(static_cast<T*>(p.dq_pre) + (u0 + g) * D + 4 * c, dcq, p.vec != 0);
+    gstore4(row_out<T>(p.dq, p.dq_pre, s, p, g, 0) + 4 * c, dcq, p.vec != 0);
   }
 }
 
@@ -699,19 +743,18 @@ inline bool view_aligned(const View& v, size_t bytes) {
   return (reinterpret_cast<uintptr_t>(v.p) % bytes) == 0 && v.sb % 4 == 0 && v.st % 4 == 0;
 }
 
-inline bool ptr_aligned(const void* p, size_t bytes) {
-  return p == nullptr || (reinterpret_cast<uintptr_t>(p) % bytes) == 0;
-}
-
 template <class T>
 bool all_vec(const Params& p) {
   const size_t b = 4 * sizeof(T);
   for (const View* v : {&p.q, &p.k, &p.v, &p.pq, &p.pk, &p.pv, &p.dout, &p.dpo, &p.o, &p.po})
     if (!view_aligned(*v, b)) return false;
-  for (const void* o : {p.out, p.out_pre, p.dq, p.dk, p.dv, p.dq_pre, p.dk_pre, p.dv_pre})
-    if (!ptr_aligned(o, b)) return false;
+  for (const OView* o : {&p.out, &p.out_pre, &p.dq, &p.dk, &p.dv, &p.dq_pre, &p.dk_pre, &p.dv_pre})
+    if (!view_aligned(View{o->p, o->sb, o->st}, b)) return false;
   return true;
 }
+
+// A contiguous (B, rows, heads, D) output.
+inline OView dense(void* p, int64_t rows, int64_t H, int64_t D) { return OView{p, rows * H * D, H * D}; }
 
 inline Params base_params(int64_t B, int64_t L, int64_t H, int64_t D, int64_t gw, int64_t w, int layout, int S,
                           int P, const Geometry& g, float scale) {
@@ -742,6 +785,7 @@ int launch(int kind, Params p, void* stream) {
   if (pl.G == 0) return kBadShape;
   p.G = pl.G;
   p.vec = all_vec<T>(p) ? 1 : 0;
+  p.bias_vec = p.bias != nullptr && aligned16(p.bias) ? 1 : 0;
   const int64_t blocks = (p.units + pl.G - 1) / pl.G;
   if (blocks > 0x7fffffff) return kBadShape;
   const dim3 grid{unsigned(blocks)}, block{unsigned(pl.threads)};
@@ -811,10 +855,10 @@ int s2_window_attention_fwd(int dtype, const void* q, int64_t q_sb, int64_t q_st
     p.pq = {pq, pq_sb, pq_st};
     p.pk = {pk, pk_sb, pk_st};
     p.pv = {pv, pv_sb, pv_st};
-    p.out_pre = po;
+    p.out_pre = wak::dense(po, g.nW, heads, head_dim);
   }
   p.mask = token_mask;
-  p.out = o;
+  p.out = wak::dense(o, tokens, heads, head_dim);
   p.lse_out = lse;
   S2_DISPATCH_DTYPE(dtype, T, return wak::launch<T>(wak::kFwd, p, stream));
   return s2::kBadDType;
@@ -826,8 +870,11 @@ int s2_window_attention_bwd(int dtype, const void* dout, int64_t dout_sb, int64_
                             const void* pq, int64_t pq_sb, int64_t pq_st, const void* pk, int64_t pk_sb,
                             int64_t pk_st, const void* pv, int64_t pv_sb, int64_t pv_st, const uint8_t* token_mask,
                             const void* o, int64_t o_sb, int64_t o_st, const void* po, int64_t po_sb,
-                            int64_t po_st, const float* lse, void* dq, void* dk, void* dv, void* dpq, void* dpk,
-                            void* dpv, int64_t batch, int64_t tokens, int64_t heads, int64_t head_dim,
+                            int64_t po_st, const float* lse, void* dq, int64_t dq_sb, int64_t dq_st, void* dk,
+                            int64_t dk_sb, int64_t dk_st, void* dv, int64_t dv_sb, int64_t dv_st, void* dpq,
+                            int64_t dpq_sb, int64_t dpq_st, void* dpk, int64_t dpk_sb, int64_t dpk_st, void* dpv,
+                            int64_t dpv_sb, int64_t dpv_st, float* bias_partials, int64_t batch, int64_t tokens,
+                            int64_t heads, int64_t head_dim,
                             int64_t grid_h, int64_t grid_w, int64_t window, int layout, float scale, void* stream) {
   const bool prefix = pq != nullptr;
   if (prefix && (pk == nullptr || pv == nullptr || dpq == nullptr || dpk == nullptr || dpv == nullptr ||
@@ -854,15 +901,16 @@ int s2_window_attention_bwd(int dtype, const void* dout, int64_t dout_sb, int64_
       p.dpo = {dpo, dpo_sb, dpo_st};
       p.po = {po, po_sb, po_st};
     }
-    p.dq_pre = dpq;
-    p.dk_pre = dpk;
-    p.dv_pre = dpv;
+    p.dq_pre = {dpq, dpq_sb, dpq_st};
+    p.dk_pre = {dpk, dpk_sb, dpk_st};
+    p.dv_pre = {dpv, dpv_sb, dpv_st};
   }
   p.mask = token_mask;
   p.lse = lse;
-  p.dq = dq;
-  p.dk = dk;
-  p.dv = dv;
+  p.dq = {dq, dq_sb, dq_st};
+  p.dk = {dk, dk_sb, dk_st};
+  p.dv = {dv, dv_sb, dv_st};
+  p.bias = bias_partials;
   S2_DISPATCH_DTYPE(dtype, T, return wak::launch<T>(wak::kBwd, p, stream));
   return s2::kBadDType;
 }
@@ -883,7 +931,7 @@ int s2_cls_pool_fwd(int dtype, const void* cq, int64_t cq_sb, int64_t cq_st, con
   p.pv = {cv, cv_sb, cv_st};
   p.k = {k, k_sb, k_st};
   p.v = {v, v_sb, v_st};
-  p.out = o;
+  p.out = wak::dense(o, g.nW, heads, head_dim);
   p.lse_out = lse;
   S2_DISPATCH_DTYPE(dtype, T, return wak::launch<T>(wak::kClsFwd, p, stream));
   return s2::kBadDType;
@@ -892,8 +940,10 @@ int s2_cls_pool_fwd(int dtype, const void* cq, int64_t cq_sb, int64_t cq_st, con
 int s2_cls_pool_bwd(int dtype, const void* dout, int64_t dout_sb, int64_t dout_st, const void* cq, int64_t cq_sb,
                     int64_t cq_st, const void* ck, int64_t ck_sb, int64_t ck_st, const void* cv, int64_t cv_sb,
                     int64_t cv_st, const void* k, int64_t k_sb, int64_t k_st, const void* v, int64_t v_sb,
-                    int64_t v_st, const void* o, int64_t o_sb, int64_t o_st, const float* lse, void* dcq, void* dck,
-                    void* dcv, void* dk, void* dv, int64_t batch, int64_t tokens, int64_t heads, int64_t head_dim,
+                    int64_t v_st, const void* o, int64_t o_sb, int64_t o_st, const float* lse, void* dcq,
+                    int64_t dcq_sb, int64_t dcq_st, void* dck, int64_t dck_sb, int64_t dck_st, void* dcv,
+                    int64_t dcv_sb, int64_t dcv_st, void* dk, int64_t dk_sb, int64_t dk_st, void* dv, int64_t dv_sb,
+                    int64_t dv_st, int64_t batch, int64_t tokens, int64_t heads, int64_t head_dim,
                     int64_t grid_h, int64_t grid_w, int64_t window, int layout, float scale, void* stream) {
   if (window < 1 || window > 8) return s2::kBadShape;
   const int S = int(window * window) + 1;
@@ -909,11 +959,11 @@ int s2_cls_pool_bwd(int dtype, const void* dout, int64_t dout_sb, int64_t dout_s
   p.k = {k, k_sb, k_st};
   p.v = {v, v_sb, v_st};
   p.lse = lse;
-  p.dq_pre = dcq;
-  p.dk_pre = dck;
-  p.dv_pre = dcv;
-  p.dk = dk;
-  p.dv = dv;
+  p.dq_pre = {dcq, dcq_sb, dcq_st};
+  p.dk_pre = {dck, dck_sb, dck_st};
+  p.dv_pre = {dcv, dcv_sb, dcv_st};
+  p.dk = {dk, dk_sb, dk_st};
+  p.dv = {dv, dv_sb, dv_st};
   S2_DISPATCH_DTYPE(dtype, T, return wak::launch<T>(wak::kClsBwd, p, stream));
   return s2::kBadDType;
 }

@@ -13,10 +13,13 @@
 //   Every such input is given as (pointer, batch stride, row stride), strides in elements: heads
 //   and D must be contiguous inside a row (stride(-1) == 1, stride(-2) == D) but the rows and
 //   batches may be strided, e.g. q, k, v as views of one fused (B, L, 3*heads*D) projection
-//   output, read without a copy. Outputs are contiguous, allocated by the caller: token outputs
-//   (B, L, heads, D), prefix / CLS outputs (B, nW, heads, D), lse fp32 (B*nW, heads, P + w*w)
-//   for window attention (P = 1 with a prefix, row 0 the prefix query) and (B*nW, heads, 1) for
-//   cls_pool, natural-log log-sum-exp of the scaled scores (0 for a query without any valid key).
+//   output, read without a copy. The backward's gradient outputs are given the same way (heads
+//   and D contiguous, rows and batches strided, no two rows overlapping), e.g. dq, dk, dv as the
+//   slots of one packed (B, L, 3, heads, D) dqkv, written in place. The forwards' outputs are
+//   contiguous: token outputs (B, L, heads, D), prefix / CLS outputs (B, nW, heads, D), lse fp32
+//   (B*nW, heads, P + w*w) for window attention (P = 1 with a prefix, row 0 the prefix query) and
+//   (B*nW, heads, 1) for cls_pool, natural-log log-sum-exp of the scaled scores (0 for a query
+//   without any valid key). All outputs are allocated by the caller.
 //   token_mask: (B, L) bool bytes (1 = attend), grid layout only, NULL for none; masks keys, never
 //   the prefix key. Absent optional tensors are NULL (their strides are ignored).
 //
@@ -60,7 +63,11 @@ S2_API int s2_window_attention_fwd(int dtype,
 
 // dpo (the prefix output's gradient) may be NULL with a prefix (then treated as zeros and po is
 // not read); o / po are the forward's outputs, lse its saved statistics. Outputs dpq, dpk, dpv
-// only with a prefix.
+// only with a prefix. bias_partials: NULL, or a contiguous fp32 (B*nW, 3, heads, D) buffer that
+// receives, per window and head, the column sums of the gradients as stored (rounded to the
+// dtype) over the window's w*w tokens and its prefix row: [:, 0] of dq (+ dpq), [:, 1] of dk
+// (+ dpk), [:, 2] of dv (+ dpv); summed over the windows they are a q/k/v bias's gradient. Each
+// partial is written once by the block that computed the window (deterministic, no atomics).
 S2_API int s2_window_attention_bwd(int dtype,
                                    const void* dout, int64_t dout_sb, int64_t dout_st,
                                    const void* dpo, int64_t dpo_sb, int64_t dpo_st,
@@ -74,7 +81,13 @@ S2_API int s2_window_attention_bwd(int dtype,
                                    const void* o, int64_t o_sb, int64_t o_st,
                                    const void* po, int64_t po_sb, int64_t po_st,
                                    const float* lse,
-                                   void* dq, void* dk, void* dv, void* dpq, void* dpk, void* dpv,
+                                   void* dq, int64_t dq_sb, int64_t dq_st,
+                                   void* dk, int64_t dk_sb, int64_t dk_st,
+                                   void* dv, int64_t dv_sb, int64_t dv_st,
+                                   void* dpq, int64_t dpq_sb, int64_t dpq_st,
+                                   void* dpk, int64_t dpk_sb, int64_t dpk_st,
+                                   void* dpv, int64_t dpv_sb, int64_t dpv_st,
+                                   float* bias_partials,
                                    int64_t batch, int64_t tokens, int64_t heads, int64_t head_dim,
                                    int64_t grid_h, int64_t grid_w, int64_t window, int layout, float scale,
                                    void* stream);
@@ -91,6 +104,8 @@ S2_API int s2_cls_pool_fwd(int dtype,
                            int64_t batch, int64_t tokens, int64_t heads, int64_t head_dim,
                            int64_t grid_h, int64_t grid_w, int64_t window, int layout, float scale, void* stream);
 
+// Gradients dcq, dck, dcv (B, nW, heads, D) and dk, dv (B, L, heads, D), strided like the inputs,
+// e.g. the slots of packed (B, nW, 3, heads, D) and (B, L, 2, heads, D) gradients.
 S2_API int s2_cls_pool_bwd(int dtype,
                            const void* dout, int64_t dout_sb, int64_t dout_st,
                            const void* cq, int64_t cq_sb, int64_t cq_st,
@@ -100,7 +115,11 @@ S2_API int s2_cls_pool_bwd(int dtype,
                            const void* v, int64_t v_sb, int64_t v_st,
                            const void* o, int64_t o_sb, int64_t o_st,
                            const float* lse,
-                           void* dcq, void* dck, void* dcv, void* dk, void* dv,
+                           void* dcq, int64_t dcq_sb, int64_t dcq_st,
+                           void* dck, int64_t dck_sb, int64_t dck_st,
+                           void* dcv, int64_t dcv_sb, int64_t dcv_st,
+                           void* dk, int64_t dk_sb, int64_t dk_st,
+                           void* dv, int64_t dv_sb, int64_t dv_st,
                            int64_t batch, int64_t tokens, int64_t heads, int64_t head_dim,
                            int64_t grid_h, int64_t grid_w, int64_t window, int layout, float scale, void* stream);
 

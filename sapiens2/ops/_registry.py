@@ -12,9 +12,10 @@ for _op in ("rms_norm", "rms_norm_backward", "add_rms_norm", "add_rms_norm_backw
 # The hand-written CUDA kernels (csrc/, extension sapiens2._C); one adapter module per family.
 _CUDA_FAMILIES = {
     "rms_norm": ("rms_norm", "rms_norm_backward", "add_rms_norm", "add_rms_norm_backward"),
-    "swiglu": ("swiglu", "swiglu_backward", "swiglu_recompute_backward"),
+    "swiglu": ("swiglu", "swiglu_backward", "swiglu_recompute_backward", "swiglu_bias_backward"),
     "qk_norm_rope": ("qk_norm_rope", "qk_norm_rope_backward"),
-    "window_attention": ("window_attention", "window_attention_backward", "cls_pool", "cls_pool_backward"),
+    "window_attention": ("window_attention", "window_attention_backward", "cls_pool", "cls_pool_backward",
+                         "window_attention_qkv_backward", "cls_pool_kv_backward"),
 }
 for _family, _ops in _CUDA_FAMILIES.items():
     for _op in _ops:

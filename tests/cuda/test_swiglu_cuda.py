@@ -1,6 +1,6 @@
 """The SwiGLU CUDA kernels (csrc/kernels/swiglu.cu) executed by the CPU emulation: forward, gradient
-and the FFN backward pass (recomputed hidden, dx12, bias gradient) through the ``sapiens2`` ops on
-the ``"cuda"`` backend vs a float64 plain-torch reference under the tolerance rule; the
+and the FFN backward pass (recomputed hidden, dx12, bias gradient; or, with the hidden kept, dx12 and
+the bias gradient only) through the ``sapiens2`` ops on the ``"cuda"`` backend vs a float64 plain-torch reference under the tolerance rule; the
 global-memory traffic of each kernel (every input read once, every output written once);
 thread-order independence; opcheck; errors."""
 
@@ -83,6 +83,29 @@ def test_swiglu_recompute_backward(lead, F, bias, dtype, emulated_cuda):
     _recompute_case(x, g, bias, dtype)
 
 
+@pytest.mark.parametrize("dtype", DTYPES, ids=str)
+@pytest.mark.parametrize("lead,F", [((1,), 1), ((37,), 77), ((100,), 1024), ((4, 9), 40)])
+def test_swiglu_bias_backward(lead, F, dtype, emulated_cuda):
+    """sapiens2::swiglu_bias_backward (dx12 and the w12 bias gradient, no s written) on the CUDA
+    kernel: vs float64 under the tolerance rule, vs the reference backend (the rule's low-precision
+    computation) and bit-identical to swiglu_recompute_backward's dx12 and db12."""
+    from sapiens2.ops import use_backend
+
+    gen = torch.Generator().manual_seed(sum(lead) * 3 + F)
+    x, g = data(*lead, 2 * F, gen=gen, scale=2.0), data(*lead, F, gen=gen)
+    ds, x12 = g.to(dtype), x.to(dtype)
+    dx12, db = torch.ops.sapiens2.swiglu_bias_backward(ds, x12)
+    with use_backend("reference"):
+        lo_dx, lo_db = torch.ops.sapiens2.swiglu_bias_backward(ds, x12)
+        ex_dx, ex_db = torch.ops.sapiens2.swiglu_bias_backward(g, x)
+    _, (pl_dx,) = plain_grads(ref_swiglu, [x], torch.float64, g)
+    torch.testing.assert_close(ex_dx, pl_dx, rtol=1e-12, atol=1e-12)  # the float64 references agree
+    check("dx12", dx12, ex_dx, lo_dx, dtype)
+    check("db12", db, ex_db, lo_db, dtype)
+    _, rdx, rdb = torch.ops.sapiens2.swiglu_recompute_backward(ds, x12, True)
+    assert torch.equal(dx12, rdx) and torch.equal(db, rdb)
+
+
 @pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16], ids=str)
 def test_unaligned_inputs(dtype, emulated_cuda):
     """Tensors not on a 16-byte boundary take the one-element path, with the same results."""
@@ -92,9 +115,11 @@ def test_unaligned_inputs(dtype, emulated_cuda):
     _recompute_case(x, g, True, dtype, place=misaligned)
 
 
+@pytest.mark.parametrize("keep_hidden", [False, True], ids=["recompute", "keep_hidden"])
 @pytest.mark.parametrize("dtype", DTYPES, ids=str)
-def test_swiglu_ffn_gradients(dtype, emulated_cuda):
-    """The whole FFN (its backward runs swiglu_recompute_backward): output and all five gradients."""
+def test_swiglu_ffn_gradients(dtype, keep_hidden, emulated_cuda):
+    """The whole FFN (its backward runs swiglu_recompute_backward, or with keep_hidden the kept s and
+    swiglu_bias_backward): output and all five gradients."""
     gen = torch.Generator().manual_seed(11)
     C, Fh = 32, 48
     ins = [data(2, 7, C, gen=gen), data(2 * Fh, C, gen=gen, scale=0.2), data(2 * Fh, gen=gen, scale=0.1),
@@ -107,7 +132,7 @@ def test_swiglu_ffn_gradients(dtype, emulated_cuda):
     ex_out, ex_g = plain_grads(fn, ins, torch.float64, g)
     lo_out, lo_g = plain_grads(fn, ins, dtype, g)
     xs = [t.to(dtype).requires_grad_() for t in ins]
-    out = ops.swiglu_ffn(*xs)
+    out = ops.swiglu_ffn(*xs, keep_hidden=keep_hidden)
     grads = torch.autograd.grad(out, xs, g.to(dtype))
     check("out", out.detach(), ex_out, lo_out, dtype)
     for name, got, e, lo in zip(["dx", "dw12", "db12", "dw3", "db3"], grads, ex_g, lo_g):
@@ -141,6 +166,12 @@ def test_traffic_each_byte_once(F, dtype, emu_lib, schedule):
     with Traffic(emu_lib, ds=g, x12=x12, s=y, dx12=dx12, part=part) as t:
         emu_lib.call("s2_swiglu_recompute_bwd", code, g, x12, y, dx12, part, M, F, programs, None, int_args=(0, 8))
     assert_once(t, ["ds", "x12"], ["s", "dx12", "part"])
+    dx12_b, part_b = torch.empty_like(dx12), torch.empty_like(part)
+    with Traffic(emu_lib, ds=g, x12=x12, dx12=dx12_b, part=part_b) as t:  # s NULL: the bias backward
+        emu_lib.call("s2_swiglu_recompute_bwd", code, g, x12, None, dx12_b, part_b, M, F, programs, None,
+                     int_args=(0, 8))
+    assert_once(t, ["ds", "x12"], ["dx12", "part"])
+    assert torch.equal(dx12_b, dx12) and torch.equal(part_b, part)
 
 
 def test_thread_order_does_not_change_results(emu_lib):
@@ -153,7 +184,10 @@ def test_thread_order_does_not_change_results(emu_lib):
         emu_lib.set_reverse(rev)
         s, dx12, part = torch.empty(M, F).bfloat16(), torch.empty(M, 2 * F).bfloat16(), torch.empty(programs, 2 * F)
         emu_lib.call("s2_swiglu_recompute_bwd", code, ds, x12, s, dx12, part, M, F, programs, None, int_args=(0, 8))
-        outs.append((s, dx12, part))
+        dx12_b, part_b = torch.empty_like(dx12), torch.empty_like(part)  # s NULL: the bias backward
+        emu_lib.call("s2_swiglu_recompute_bwd", code, ds, x12, None, dx12_b, part_b, M, F, programs, None,
+                     int_args=(0, 8))
+        outs.append((s, dx12, part, dx12_b, part_b))
     emu_lib.set_reverse(False)
     assert all(torch.equal(a, b) for a, b in zip(*outs))
 
@@ -170,6 +204,9 @@ def test_opcheck(emulated_cuda):
     torch.library.opcheck(E.swiglu_bwd, (g, x12))
     torch.library.opcheck(E.swiglu_recompute_bwd, (g, x12, True))
     torch.library.opcheck(E.swiglu_recompute_bwd, (g, x12, False))
+    torch.library.opcheck(torch.ops.sapiens2.swiglu_bias_backward, (g, x12))
+    torch.library.opcheck(torch.ops.sapiens2.swiglu_bias_backward, (g.bfloat16(), x12.bfloat16()))
+    torch.library.opcheck(E.swiglu_bias_bwd, (g, x12))
 
 
 def test_binding_errors_name_the_argument(_emu_ext):
@@ -187,6 +224,8 @@ def test_binding_errors_name_the_argument(_emu_ext):
         E.swiglu_bwd(g.bfloat16(), x12)
     with pytest.raises(ValueError, match="ds must be contiguous"):
         E.swiglu_recompute_bwd(torch.randn(32, 4).t(), x12, True)
+    with pytest.raises(ValueError, match=r"ds must have shape \[4, 32\]"):
+        E.swiglu_bias_bwd(torch.randn(4, 64), x12)
 
 
 def test_empty_rows(emulated_cuda):
@@ -196,3 +235,5 @@ def test_empty_rows(emulated_cuda):
     assert E.swiglu_bwd(torch.empty(0, 4), x12).shape == (0, 8)
     s, dx12, db = E.swiglu_recompute_bwd(torch.empty(0, 4), x12, True)
     assert s.shape == (0, 4) and dx12.shape == (0, 8) and torch.equal(db, torch.zeros(8))
+    dx12, db = E.swiglu_bias_bwd(torch.empty(0, 4), x12)
+    assert dx12.shape == (0, 8) and torch.equal(db, torch.zeros(8))

@@ -52,13 +52,13 @@ def ref_cls_pool(cq, ck, cv, k, v, gh, gw, w, layout):
     return torch.einsum("bwhj,bwjhd->bwhd", torch.softmax(s, -1), va)
 
 
-def check_lse(got, exact, low):
-    """lse is fp32 whatever the inputs: the tolerance rule with fp32's ulp."""
+def check_lse(got, exact, low, name="lse"):
+    """lse (and the bias partials) are fp32 whatever the inputs: the tolerance rule with fp32's ulp."""
     err = (got.double() - exact.double()).abs().max().item()
     ref_err = (low.double() - exact.double()).abs().max().item()
     bound = 2 * ref_err + ULP[torch.float32] * max(exact.abs().max().item(), 1e-30)
     assert got.dtype == torch.float32 and got.shape == exact.shape
-    assert err <= bound, f"lse: error {err:.3e} > bound {bound:.3e} (reference error {ref_err:.3e})"
+    assert err <= bound, f"{name}: error {err:.3e} > bound {bound:.3e} (reference error {ref_err:.3e})"
 
 
 # ---------------------------------------------------------------------------------------------- window attention
@@ -210,6 +210,189 @@ def test_cls_pool_real_size_bf16(emulated_cuda):
     _cls_case(1, 32, 24, 4, H, D, "grid", None, torch.bfloat16, seed=6)
 
 
+# ---------------------------------------------------------------------------------------------- packed q/k/v
+
+# (B, gh, gw, w, heads, D, prefix, layout, mask, sel)
+QKV_CASES = [
+    (1, 8, 12, 4, 2, 64, True, "grid", True, None),  # 4x4 + CLS, a fully masked window
+    (2, 8, 8, 4, 3, 20, False, "windows", False, [3, 0]),
+    (1, 4, 6, 2, 2, 16, True, "grid", False, None),  # 2x2 windows: 5 rows
+    (1, 8, 16, 8, 1, 32, True, "windows", False, "all"),  # 8x8 + CLS: 65 rows
+]
+
+
+def _qkv_inputs(B, gh, gw, w, H, D, prefix, layout, mask, sel, dtype, seed):
+    """q, k, v, the prefix rows (float64, rounded to dtype), token mask, do and dpo."""
+    gen = torch.Generator().manual_seed(seed)
+    q, k, v = (data(B, gh * gw, H, D, gen=gen, dtype=dtype) for _ in range(3))
+    if layout == "windows":
+        q, k, v = (gathered(t, gh, gw, w, sel) for t in (q, k, v))
+    nW = q.shape[1] // (w * w)
+    pre = [data(B, nW, H, D, gen=gen, dtype=dtype) for _ in range(3)] if prefix else []
+    tm = None
+    if mask:
+        tm = torch.rand(B, gh * gw, generator=gen) > 0.4
+        tm.view(B, gh // w, w, gw // w, w)[0, 0, :, 0, :] = False
+    do = data(*q.shape, gen=gen, dtype=dtype)
+    dpo = data(B, nW, H, D, gen=gen, dtype=dtype) if prefix else None
+    return [q, k, v] + pre, tm, do, dpo
+
+
+def _partials_bound(dqkv, dpre, gh, gw, w, layout):
+    """bias_partials_ref in float64 of the stored gradients, and the fp32 summation error bound
+    (n - 1) * eps * sum |terms| per element (any order of the n = w*w (+1) terms)."""
+    from sapiens2.ops.window_attention_packed import bias_partials_ref
+
+    d = lambda t: None if t is None else t.double()  # noqa: E731
+    exact = bias_partials_ref(d(dqkv), d(dpre), gh, gw, w, layout)
+    mag = bias_partials_ref(d(dqkv).abs(), None if dpre is None else d(dpre).abs(), gh, gw, w, layout)
+    n = w * w + (0 if dpre is None else 1)
+    return exact, (n - 1) * ULP[torch.float32] * mag + 1e-30
+
+
+def _check_partials(parts, dqkv, dpre, gh, gw, w, layout):
+    exact, bound = _partials_bound(dqkv, dpre, gh, gw, w, layout)
+    assert parts.dtype == torch.float32 and parts.shape == exact.shape
+    assert ((parts.double() - exact).abs() <= bound).all(), "bias partials differ from bias_partials_ref"
+
+
+@pytest.mark.parametrize("dtype", DTYPES, ids=str)
+@pytest.mark.parametrize("case", QKV_CASES, ids=_case_id)
+def test_window_attention_qkv_backward(case, dtype, emulated_cuda):
+    """sapiens2::window_attention_qkv_backward on the CUDA kernels: packed dqkv / dprefix_qkv vs float64
+    (tolerance rule; the low-precision computation is the reference backend's), the bias partials vs
+    bias_partials_ref of the returned gradients, and the autograd path of window_attention_qkv."""
+    B, gh, gw, w, H, D, prefix, layout, mask, sel = case
+    ins, tm, do, dpo = _qkv_inputs(*case, dtype, seed=21)
+    g = torch.cat([do.flatten(), dpo.flatten()]) if prefix else do.flatten()
+
+    def fn(q, k, v, *p):
+        out = ref_any_layout(q, k, v, gh, gw, w, layout, *p, token_mask=tm)
+        return torch.cat([out[0].flatten(), out[1].flatten()]) if prefix else out.flatten()
+
+    _, ex_g = plain_grads(fn, ins, torch.float64, g)
+    ex_dqkv = torch.stack(ex_g[:3], 2)
+    ex_dpre = torch.stack(ex_g[3:], 2) if prefix else None
+    qkv = torch.stack(ins[:3], 2).to(dtype)
+    pqkv = torch.stack(ins[3:], 2).to(dtype) if prefix else None
+    args = (gh, gw, w, layout, D**-0.5)
+    S = torch.ops.sapiens2
+    o, po, lse = S.window_attention_qkv(qkv, pqkv, tm, *args)
+    dpo_l = dpo.to(dtype) if prefix else None
+    dqkv, dpre, parts = S.window_attention_qkv_backward(do.to(dtype), dpo_l, qkv, pqkv, tm, o, po, lse, *args, True)
+    with use_backend("reference"):  # the same op in plain PyTorch: in float64 (exact) and in dtype
+        ro, rpo, rlse = S.window_attention_qkv(qkv, pqkv, tm, *args)
+        lo = S.window_attention_qkv_backward(do.to(dtype), dpo_l, qkv, pqkv, tm, ro, rpo, rlse, *args, True)
+        d = lambda t: None if t is None else t.double()  # noqa: E731
+        eo, epo, else_ = S.window_attention_qkv(d(qkv), d(pqkv), tm, *args)
+        ex = S.window_attention_qkv_backward(do, dpo, d(qkv), d(pqkv), tm, eo, epo, else_, *args, True)
+    torch.testing.assert_close(ex[0], ex_dqkv, rtol=1e-9, atol=1e-9)  # the two float64 references agree
+    assert dqkv.shape == qkv.shape and dqkv.is_contiguous()
+    for j, name in enumerate(("dq", "dk", "dv")):
+        check(name, dqkv[:, :, j], ex_dqkv[:, :, j], lo[0][:, :, j], dtype)
+    if prefix:
+        assert dpre.shape == pqkv.shape and dpre.is_contiguous()
+        torch.testing.assert_close(ex[1], ex_dpre, rtol=1e-9, atol=1e-9)
+        for j, name in enumerate(("dprefix_q", "dprefix_k", "dprefix_v")):
+            check(name, dpre[:, :, j], ex_dpre[:, :, j], lo[1][:, :, j], dtype)
+    else:
+        assert dpre.numel() == 0
+    _check_partials(parts, dqkv, dpre if prefix else None, gh, gw, w, layout)
+    # the q/k/v bias gradient they sum to, under the tolerance rule (the reference backend's in dtype)
+    db = parts.sum(0).reshape(-1)
+    check_lse(db, ex[2].sum(0).reshape(-1), lo[2].sum(0).reshape(-1), "bias gradient")
+
+    # without bias_grad: the same gradients, no partials; and autograd through the public packed op
+    g2 = S.window_attention_qkv_backward(do.to(dtype), dpo_l, qkv, pqkv, tm, o, po, lse, *args, False)
+    assert torch.equal(g2[0], dqkv) and torch.equal(g2[1], dpre) and g2[2].numel() == 0
+    xs = [qkv.requires_grad_()] + ([pqkv.requires_grad_()] if prefix else [])
+    out = ops.window_attention_qkv(qkv, (gh, gw), w, prefix_qkv=pqkv, layout=layout, token_mask=tm)
+    outs, gos = ((list(out), [do.to(dtype), dpo_l]) if prefix else ([out], [do.to(dtype)]))
+    grads = torch.autograd.grad(outs, xs, gos)
+    assert torch.equal(grads[0], dqkv) and (not prefix or torch.equal(grads[1], dpre))
+
+
+@pytest.mark.parametrize("dtype", DTYPES, ids=str)
+@pytest.mark.parametrize("case", [CLS_CASES[0], CLS_CASES[1], CLS_CASES[3], CLS_CASES[4]],
+                         ids=lambda c: f"w{c[3]}_D{c[5]}_{c[6]}")
+def test_cls_pool_kv_backward(case, dtype, emulated_cuda):
+    """sapiens2::cls_pool_kv_backward on the CUDA kernels: packed dcls_qkv / dkv vs float64 (tolerance
+    rule, low = the reference backend), and autograd through cls_pool_kv."""
+    B, gh, gw, w, H, D, layout, sel = case
+    gen = torch.Generator().manual_seed(23)
+    k, v = (data(B, gh * gw, H, D, gen=gen, dtype=dtype) for _ in range(2))
+    if layout == "windows":
+        k, v = (gathered(t, gh, gw, w, sel) for t in (k, v))
+    nW = k.shape[1] // (w * w)
+    cq, ck, cv = (data(B, nW, H, D, gen=gen, dtype=dtype) for _ in range(3))
+    do = data(B, nW, H, D, gen=gen, dtype=dtype)
+    ins = [cq, ck, cv, k, v]
+    _, ex_g = plain_grads(lambda *a: ref_cls_pool(*a, gh, gw, w, layout), ins, torch.float64, do)
+    cqkv, kv = torch.stack(ins[:3], 2).to(dtype), torch.stack(ins[3:], 2).to(dtype)
+    args = (gh, gw, w, layout, D**-0.5)
+    S = torch.ops.sapiens2
+    o, lse = S.cls_pool_kv(cqkv, kv, *args)
+    dcqkv, dkv = S.cls_pool_kv_backward(do.to(dtype), cqkv, kv, o, lse, *args)
+    with use_backend("reference"):
+        ro, rlse = S.cls_pool_kv(cqkv, kv, *args)
+        lo = S.cls_pool_kv_backward(do.to(dtype), cqkv, kv, ro, rlse, *args)
+    assert dcqkv.shape == cqkv.shape and dkv.shape == kv.shape and dcqkv.is_contiguous() and dkv.is_contiguous()
+    for j, name in enumerate(("dcls_q", "dcls_k", "dcls_v")):
+        check(name, dcqkv[:, :, j], ex_g[j], lo[0][:, :, j], dtype)
+    for j, name in enumerate(("dk", "dv")):
+        check(name, dkv[:, :, j], ex_g[3 + j], lo[1][:, :, j], dtype)
+    xs = [cqkv.requires_grad_(), kv.requires_grad_()]
+    grads = torch.autograd.grad(ops.cls_pool_kv(*xs, (gh, gw), w, layout=layout), xs, do.to(dtype))
+    assert torch.equal(grads[0], dcqkv) and torch.equal(grads[1], dkv)
+
+
+@pytest.mark.parametrize("dtype", DTYPES, ids=str)
+@pytest.mark.parametrize("prefix,layout,mask", [(True, "grid", True), (False, "windows", False)])
+def test_window_attention_projected_gradients(prefix, layout, mask, dtype, emulated_cuda):
+    """window_attention_projected (the packed backward with bias_grad=True: the bias gradient is the
+    sum of the kernel's partials) vs float64 plain torch: output and the gradients of x, prefix_x,
+    weight and bias under the tolerance rule."""
+    from sapiens2.ops.window_attention_proj import window_attention_projected
+
+    gen = torch.Generator().manual_seed(31)
+    B, gh, gw, w, H, D, C = 1, 8, 8, 4, 2, 16, 24
+    L, nW = gh * gw, (gh // w) * (gw // w)
+    x = torch.randn(B, L, C, generator=gen, dtype=torch.float64)
+    px = torch.randn(B, nW, C, generator=gen, dtype=torch.float64) if prefix else None
+    weight = torch.randn(3 * H * D, C, generator=gen, dtype=torch.float64) * C**-0.5
+    bias = torch.randn(3 * H * D, generator=gen, dtype=torch.float64) * 0.1
+    tm = None
+    if mask:
+        tm = torch.rand(B, L, generator=gen) > 0.3
+    ins = [x, weight, bias] + ([px] if prefix else [])
+    do = torch.randn(B, L, H, D, generator=gen, dtype=torch.float64)
+    dpo = torch.randn(B, nW, H, D, generator=gen, dtype=torch.float64) if prefix else None
+    g = torch.cat([do.flatten(), dpo.flatten()]) if prefix else do.flatten()
+
+    def fn(x, weight, bias, *p):
+        qkv = torch.nn.functional.linear(x, weight, bias).view(B, -1, 3, H, D)
+        pre = torch.nn.functional.linear(p[0], weight, bias).view(B, nW, 3, H, D).unbind(2) if prefix else ()
+        q, k, v = qkv.unbind(2)
+        if layout == "windows":
+            out = ref_any_layout(q, k, v, w, L // w, w, "windows", *pre)
+        else:
+            out = ref_any_layout(q, k, v, gh, gw, w, "grid", *pre, token_mask=tm)
+        return torch.cat([out[0].flatten(), out[1].flatten()]) if prefix else out.flatten()
+
+    ex_out, ex_g = plain_grads(fn, ins, torch.float64, g)
+    lo_out, lo_g = plain_grads(fn, ins, dtype, g)
+    xs = [t.to(dtype).requires_grad_() for t in ins]
+    grid = (gh, gw) if layout == "grid" else (w, L // w)
+    out = window_attention_projected(xs[0], xs[1], xs[2], H, grid, w, prefix_x=xs[3] if prefix else None,
+                                     layout=layout, token_mask=tm)
+    outs = list(out) if prefix else [out]
+    grads = torch.autograd.grad(outs, xs, [do.to(dtype)] + ([dpo.to(dtype)] if prefix else []))
+    got = torch.cat([t.detach().flatten() for t in outs])
+    check("out", got, ex_out, lo_out, dtype)
+    for name, got, e, lo in zip(["dx", "dweight", "dbias", "dprefix_x"], grads, ex_g, lo_g):
+        check(name, got, e, lo, dtype)
+
+
 # ---------------------------------------------------------------------------------------------- strided q, k, v
 
 def _fused(B, L, n, H, D, dtype, gen):
@@ -292,9 +475,10 @@ def _fwd(lib, code, q, k, v, pre, mask, o, po, lse, B, L, H, D, gh, gw, w, layou
     lib.call("s2_window_attention_fwd", *args, int_args=(0, len(args) - 3))
 
 
-def _bwd(lib, code, do, dpo, q, k, v, pre, mask, o, po, lse, grads, B, L, H, D, gh, gw, w, layout):
-    args = [code, *_rows_args(do, dpo, q, k, v, *pre), mask, *_rows_args(o, po), lse, *grads, B, L, H, D, gh, gw,
-            w, layout, 0.125, None]
+def _bwd(lib, code, do, dpo, q, k, v, pre, mask, o, po, lse, grads, B, L, H, D, gh, gw, w, layout, bias=None):
+    """grads: dq, dk, dv, dpq, dpk, dpv (None for an absent prefix), each written through its strides."""
+    args = [code, *_rows_args(do, dpo, q, k, v, *pre), mask, *_rows_args(o, po), lse, *_rows_args(*grads), bias, B,
+            L, H, D, gh, gw, w, layout, 0.125, None]
     lib.call("s2_window_attention_bwd", *args, int_args=(0, len(args) - 3))
 
 
@@ -304,7 +488,8 @@ def _cls_fwd(lib, code, cq, ck, cv, k, v, o, lse, B, L, H, D, gh, gw, w, layout)
 
 
 def _cls_bwd(lib, code, do, cq, ck, cv, k, v, o, lse, grads, B, L, H, D, gh, gw, w, layout):
-    args = [code, *_rows_args(do, cq, ck, cv, k, v, o), lse, *grads, B, L, H, D, gh, gw, w, layout, 0.125, None]
+    args = [code, *_rows_args(do, cq, ck, cv, k, v, o), lse, *_rows_args(*grads), B, L, H, D, gh, gw, w, layout,
+            0.125, None]
     lib.call("s2_cls_pool_bwd", *args, int_args=(0, len(args) - 3))
 
 
@@ -367,6 +552,65 @@ def test_traffic_each_byte_once(layout, prefix, dtype, emu_lib, schedule):
     _assert_once(t, ["cdo", "cqkv", "co", "clse"], [*cg, *tg])
 
 
+@pytest.mark.parametrize("dtype", [torch.bfloat16, torch.float32], ids=str)
+@pytest.mark.parametrize("layout,prefix", [("grid", True), ("windows", False)])
+def test_traffic_packed_gradients(layout, prefix, dtype, emu_lib, schedule):
+    """The backward kernels writing packed gradients through their output strides: dq, dk, dv as the
+    slots of one dqkv (dpq, dpk, dpv of one dprefix_qkv; dcls q/k/v and dk/dv of packed dcls_qkv and
+    dkv), each buffer tracked whole: every byte written exactly once, the fp32 bias partials too, the
+    inputs read once, nothing else touched; bits identical to the contiguous outputs, and the
+    partials those of bias_partials_ref (in either thread order)."""
+    from sapiens2.ops.window_attention_packed import bias_partials_ref
+
+    gen = torch.Generator().manual_seed(7)
+    code = DTYPE_CODES[dtype]
+    B, gh, gw, w, H, D = 2, 8, 12, 4, 3, 20
+    L, nW, S = gh * gw, (gh // w) * (gw // w), w * w + (1 if prefix else 0)
+    qkv, (q, k, v) = _fused(B, L, 3, H, D, dtype, gen)
+    pqkv, pre = _fused(B, nW, 3, H, D, dtype, gen) if prefix else (None, (None,) * 3)
+    mask = (torch.rand(B, L, generator=gen) > 0.3) if layout == "grid" else None
+    geo = (B, L, H, D, gh, gw, w, 0 if layout == "grid" else 1)
+    o, lse = torch.empty(B, L, H, D, dtype=dtype), torch.empty(B * nW, H, S)
+    po = torch.empty(B, nW, H, D, dtype=dtype) if prefix else None
+    _fwd(emu_lib, code, q, k, v, pre, mask, o, po, lse, *geo)
+    do = torch.randn(B, L, H, D, generator=gen).to(dtype)
+    dpo = torch.randn(B, nW, H, D, generator=gen).to(dtype) if prefix else None
+
+    dqkv = torch.empty(B, L, 3, H, D, dtype=dtype)
+    dpqkv = torch.empty(B, nW, 3, H, D, dtype=dtype) if prefix else None
+    parts = torch.empty(B * nW, 3, H, D)
+    grads = [*dqkv.unbind(2), *(dpqkv.unbind(2) if prefix else (None,) * 3)]
+    with Traffic(emu_lib, do=do, dpo=dpo, qkv=qkv, pqkv=pqkv, mask=mask, o=o, po=po, lse=lse, dqkv=dqkv,
+                 dpqkv=dpqkv, parts=parts) as t:
+        _bwd(emu_lib, code, do, dpo, q, k, v, pre, mask, o, po, lse, grads, *geo, bias=parts)
+    _assert_once(t, ["do", "qkv", "o", "lse"] + (["dpo", "pqkv", "po"] if prefix else []),
+                 ["dqkv", "parts"] + (["dpqkv"] if prefix else []), "mask" if mask is not None else None, H)
+    dense = [torch.empty(B, L, H, D, dtype=dtype) for _ in range(3)]
+    dense += [torch.empty(B, nW, H, D, dtype=dtype) for _ in range(3)] if prefix else [None] * 3
+    _bwd(emu_lib, code, do, dpo, q, k, v, pre, mask, o, po, lse, dense, *geo)
+    assert torch.equal(dqkv, torch.stack(dense[:3], 2))
+    if prefix:
+        assert torch.equal(dpqkv, torch.stack(dense[3:], 2))
+    ref = bias_partials_ref(dqkv, dpqkv, gh, gw, w, layout)
+    exact, bound = _partials_bound(dqkv, dpqkv, gh, gw, w, layout)
+    assert ((parts.double() - exact).abs() <= bound).all()
+    assert ((ref.double() - exact).abs() <= bound).all()
+
+    cqkv, (cq, ck, cv) = _fused(B, nW, 3, H, D, dtype, gen)
+    co, clse = torch.empty(B, nW, H, D, dtype=dtype), torch.empty(B * nW, H, 1)
+    _cls_fwd(emu_lib, code, cq, ck, cv, k, v, co, clse, *geo)
+    cdo = torch.randn(B, nW, H, D, generator=gen).to(dtype)
+    dcqkv, dkv = torch.empty(B, nW, 3, H, D, dtype=dtype), torch.empty(B, L, 2, H, D, dtype=dtype)
+    with Traffic(emu_lib, cdo=cdo, cqkv=cqkv, qkv=qkv, co=co, clse=clse, dcqkv=dcqkv, dkv=dkv) as t:
+        _cls_bwd(emu_lib, code, cdo, cq, ck, cv, k, v, co, clse, [*dcqkv.unbind(2), *dkv.unbind(2)], *geo)
+    assert t["qkv"].reads_each_byte == (0, 1)  # the k and v slots only
+    _assert_once(t, ["cdo", "cqkv", "co", "clse"], ["dcqkv", "dkv"])
+    dense = [torch.empty(B, nW, H, D, dtype=dtype) for _ in range(3)] + [torch.empty(B, L, H, D, dtype=dtype)
+                                                                       for _ in range(2)]
+    _cls_bwd(emu_lib, code, cdo, cq, ck, cv, k, v, co, clse, dense, *geo)
+    assert torch.equal(dcqkv, torch.stack(dense[:3], 2)) and torch.equal(dkv, torch.stack(dense[3:], 2))
+
+
 def test_traffic_scalar_path_misaligned(emu_lib):
     """A storage offset of one element defeats the 4-element vector accesses: the scalar path reads and
     writes each byte once too, and gives the same bits."""
@@ -410,7 +654,8 @@ def test_thread_order_does_not_change_results(emu_lib):
             _fwd(emu_lib, code, q, k, v, pre[:3], mask, o, po, lse, *geo)
             grads = [torch.empty(B, L, H, D, dtype=dtype) for _ in range(3)] + [torch.empty(B, nW, H, D, dtype=dtype)
                                                                               for _ in range(3)]
-            _bwd(emu_lib, code, do, pre[3], q, k, v, pre[:3], mask, o, po, lse, grads, *geo)
+            parts = torch.empty(B * nW, 3, H, D)
+            _bwd(emu_lib, code, do, pre[3], q, k, v, pre[:3], mask, o, po, lse, grads, *geo, bias=parts)
             co, clse = torch.empty(B, nW, H, D, dtype=dtype), torch.empty(B * nW, H, 1)
             _cls_fwd(emu_lib, code, *pre[:3], k, v, co, clse, *geo)
             cg = [torch.empty(B, nW, H, D, dtype=dtype) for _ in range(3)] + [torch.empty(B, L, H, D, dtype=dtype)
@@ -418,7 +663,7 @@ def test_thread_order_does_not_change_results(emu_lib):
             _cls_bwd(emu_lib, code, pre[3], *pre[:3], k, v, co, clse, cg, *geo)
         finally:
             emu_lib.set_reverse(False)
-        results.append([o, po, lse, *grads, co, clse, *cg])
+        results.append([o, po, lse, *grads, parts, co, clse, *cg])
     for a, b in zip(*results):
         assert torch.equal(a, b)
 
@@ -453,8 +698,36 @@ def test_opcheck(emulated_cuda):
     q, k, v, pq, pk, pv, mask, gh, gw, w, layout, scale = _small()
     torch.library.opcheck(S.cls_pool, (pq, pk, pv, k, v, gh, gw, w, layout, scale))
     o, lse = E.cls_pool_fwd(pq, pk, pv, k, v, gh, gw, w, layout, scale)
+    cqkv, kv = torch.stack([pq, pk, pv], 2), torch.stack([k, v], 2)
+    for op in (S.cls_pool_kv_backward, E.cls_pool_kv_bwd):
+        torch.library.opcheck(op, (torch.randn_like(o), cqkv, kv, o, lse, gh, gw, w, layout, scale))
+    o, lse = E.cls_pool_fwd(pq, pk, pv, k, v, gh, gw, w, layout, scale)
     torch.library.opcheck(E.cls_pool_fwd, (pq, pk, pv, k, v, gh, gw, w, layout, scale))
     torch.library.opcheck(E.cls_pool_bwd, (torch.randn_like(o), pq, pk, pv, k, v, o, lse, gh, gw, w, layout, scale))
+
+
+def test_opcheck_packed_backward(emulated_cuda):
+    """The packed backward, sapiens2's op on the cuda backend and the binding, with and without the
+    prefix and the bias partials, and on a strided (sliced) qkv."""
+    S, E = torch.ops.sapiens2, torch.ops.sapiens2_emu
+    for kw, bias in ((dict(), True), (dict(prefix=False, layout="windows"), False),
+                     (dict(dtype=torch.bfloat16), True)):
+        q, k, v, pq, pk, pv, mask, *rest = _small(**kw)
+        qkv = torch.stack([q, k, v], 2)
+        pqkv = torch.stack([pq, pk, pv], 2) if pq is not None else None
+        o, po, lse = E.window_attention_fwd(q, k, v, pq, pk, pv, mask, *rest)
+        dpo = torch.randn_like(po) if pq is not None else None
+        args = (torch.randn_like(o), dpo, qkv, pqkv, mask, o, po, lse, *rest, bias)
+        torch.library.opcheck(S.window_attention_qkv_backward, args)
+        torch.library.opcheck(E.window_attention_qkv_bwd, args)
+    wide = torch.randn(1, 32, 4, 2, 8)[:, :, 1:]  # slot stride free, row stride 4*heads*D: read in place
+    q, k, v = wide.unbind(2)
+    o, po, lse = E.window_attention_fwd(q, k, v, None, None, None, None, 4, 8, 4, "grid", 0.3)
+    args = (torch.randn_like(o), None, wide, None, None, o, po, lse, 4, 8, 4, "grid", 0.3, True)
+    torch.library.opcheck(E.window_attention_qkv_bwd, args)
+    dqkv, _, parts = E.window_attention_qkv_bwd(*args)
+    g = E.window_attention_bwd(args[0], None, q, k, v, None, None, None, None, o, po, lse, 4, 8, 4, "grid", 0.3)
+    assert dqkv.is_contiguous() and torch.equal(dqkv, torch.stack(g[:3], 2)) and parts.shape == (2, 3, 2, 8)
 
 
 def test_binding_errors_name_the_argument(_emu_ext):
@@ -486,6 +759,12 @@ def test_binding_errors_name_the_argument(_emu_ext):
         E.window_attention_fwd(x, x, x, *[torch.randn(1, 2, 2, 8)] * 3, None, 4, 4, 4, "grid", 0.5)
     with pytest.raises(ValueError, match="layout must be 'grid' or 'windows'"):
         E.window_attention_fwd(x, x, x, None, None, None, None, 4, 4, 4, "rows", 0.5)
+    with pytest.raises(ValueError, match=r"qkv must be \(batch, rows, 3, heads, head_dim\)"):
+        E.window_attention_qkv_bwd(x, None, torch.randn(1, 16, 2, 2, 8), None, None, x, x.new_empty(0),
+                                   torch.zeros(1, 2, 16), 4, 4, 4, "grid", 0.5, True)
+    with pytest.raises(ValueError, match=r"kv must be \(batch, rows, 2, heads, head_dim\)"):
+        E.cls_pool_kv_bwd(torch.randn(1, 1, 2, 8), torch.randn(1, 1, 3, 2, 8), torch.randn(1, 16, 3, 2, 8),
+                          torch.randn(1, 1, 2, 8), torch.zeros(1, 2, 1), 4, 4, 4, "grid", 0.5)
     o, _, lse = E.window_attention_fwd(x, x, x, None, None, None, None, 4, 4, 4, "grid", 0.5)
     with pytest.raises(ValueError, match=r"lse must have shape \(1, 2, 16\)"):
         E.window_attention_bwd(x, None, x, x, x, None, None, None, None, o, o.new_empty(0), torch.zeros(1, 2, 8), 4, 4, 4,
@@ -527,5 +806,10 @@ def test_empty_batch(_emu_ext):
     assert o.shape == x.shape and po.shape == p.shape and lse.shape == (0, 2, 17)
     g = E.window_attention_bwd(x, p, x, x, x, p, p, p, None, o, po, lse, 4, 4, 4, "grid", 0.5)
     assert [t.shape for t in g] == [x.shape] * 3 + [p.shape] * 3
+    dqkv, dpre, parts = E.window_attention_qkv_bwd(x, p, torch.stack([x] * 3, 2), torch.stack([p] * 3, 2), None, o,
+                                                   po, lse, 4, 4, 4, "grid", 0.5, True)
+    assert dqkv.shape == (0, 16, 3, 2, 8) and dpre.shape == (0, 1, 3, 2, 8) and parts.shape == (0, 3, 2, 8)
     o, lse = E.cls_pool_fwd(p, p, p, x, x, 4, 4, 4, "grid", 0.5)
     assert o.shape == p.shape and lse.shape == (0, 2, 1)
+    dcqkv, dkv = E.cls_pool_kv_bwd(p, torch.stack([p] * 3, 2), torch.stack([x] * 2, 2), o, lse, 4, 4, 4, "grid", 0.5)
+    assert dcqkv.shape == (0, 1, 3, 2, 8) and dkv.shape == (0, 16, 2, 2, 8)

@@ -23,6 +23,10 @@ def swiglu_recompute_backward(ds, x12, bias_grad):
     return tuple(ops().swiglu_recompute_bwd(ds.contiguous(), x12.contiguous(), bool(bias_grad)))
 
 
+def swiglu_bias_backward(ds, x12):
+    return tuple(ops().swiglu_bias_bwd(ds.contiguous(), x12.contiguous()))
+
+
 def register_fakes(ns: str) -> None:
     def half(x12):
         return x12.new_empty(*x12.shape[:-1], x12.shape[-1] // 2)
@@ -38,3 +42,7 @@ def register_fakes(ns: str) -> None:
     @torch.library.register_fake(f"{ns}::swiglu_recompute_bwd")
     def _(ds, x12, bias_grad):
         return half(x12), torch.empty_like(x12), x12.new_empty(x12.shape[-1] if bias_grad else 0)
+
+    @torch.library.register_fake(f"{ns}::swiglu_bias_bwd")
+    def _(ds, x12):
+        return torch.empty_like(x12), x12.new_empty(x12.shape[-1])

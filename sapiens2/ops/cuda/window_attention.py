@@ -4,7 +4,9 @@ Same arguments and return values as the Triton adapters in ``sapiens2/ops/_trito
 read every ``(B, rows, heads, D)`` input through its batch and row strides, so q, k, v (and do, o)
 given as token-strided views of one fused projection output ``(B, L, 3*heads*D)`` are passed as
 they are (no copy); only a tensor whose heads and head dim are not contiguous is copied first.
-Outputs are new contiguous tensors.
+Outputs are new contiguous tensors; the packed backward ops (``window_attention_qkv_backward``,
+``cls_pool_kv_backward``) return packed gradients that the kernels write slot by slot through
+their output strides (and, with ``bias_grad``, the q/k/v bias gradient's per-window partials).
 
 The kernels take head dims that are a multiple of 4 from 4 to 256 and windows up to 8x8
 (``P + w*w <= 65`` rows) whose block fits the device's shared memory (``smem_bytes``, the same
@@ -121,6 +123,38 @@ def cls_pool_backward(do, cq, ck, cv, k, v, o, lse, gh, gw, w, layout, scale):
                                     lse.contiguous(), gh, gw, w, layout, scale))
 
 
+def _packed(t: Optional[Tensor]) -> Optional[Tensor]:
+    """A packed (B, rows, n, heads, D) input as the kernels take it: as is when heads and D are
+    contiguous (any batch / row / slot strides: its slots are read in place), else a contiguous copy."""
+    if t is None:
+        return None
+    H, D = t.shape[-2], t.shape[-1]
+    if t.dim() == 5 and (D <= 1 or t.stride(-1) == 1) and (H <= 1 or t.stride(-2) == D):
+        return t
+    return t.contiguous()
+
+
+def window_attention_qkv_backward(do, dpo, qkv, pqkv, token_mask, o, po, lse, gh, gw, w, layout, scale,
+                                  bias_grad=False):
+    """Packed gradients (dqkv, dprefix_qkv, bias_partials): the kernel writes dq, dk, dv straight into
+    the slots of one dqkv (output row stride 3*heads*D) and, with ``bias_grad``, each window's fp32
+    column sums of them (``bias_partials_ref``)."""
+    if _fallback(BWD, w, pqkv is not None, qkv):
+        return _triton().window_attention_qkv_backward(do, dpo, qkv, pqkv, token_mask, o, po, lse, gh, gw, w,
+                                                       layout, scale, bias_grad)
+    return tuple(ops().window_attention_qkv_bwd(_rows(do), _rows(dpo), _packed(qkv), _packed(pqkv), _c(token_mask),
+                                                _rows(o), _rows(po) if pqkv is not None else po, lse.contiguous(),
+                                                gh, gw, w, layout, scale, bool(bias_grad)))
+
+
+def cls_pool_kv_backward(do, cqkv, kv, o, lse, gh, gw, w, layout, scale):
+    """Packed gradients (dcls_qkv, dkv), written slot by slot by the kernel."""
+    if _fallback(CLS_BWD, w, True, kv):
+        return _triton().cls_pool_kv_backward(do, cqkv, kv, o, lse, gh, gw, w, layout, scale)
+    return tuple(ops().cls_pool_kv_bwd(_rows(do), _packed(cqkv), _packed(kv), _rows(o), lse.contiguous(), gh, gw, w,
+                                       layout, scale))
+
+
 def _num_windows(L: int, gh: int, gw: int, w: int, layout: str) -> int:
     return (gh // w) * (gw // w) if layout == "grid" else L // (w * w)
 
@@ -156,3 +190,17 @@ def register_fakes(ns: str) -> None:
         B, L, H, D = k.shape
         nW = _num_windows(L, gh, gw, w, layout)
         return (*(k.new_empty((B, nW, H, D)) for _ in range(3)), k.new_empty((B, L, H, D)), k.new_empty((B, L, H, D)))
+
+    @torch.library.register_fake(f"{ns}::window_attention_qkv_bwd")
+    def _(do, dpo, qkv, pqkv, token_mask, o, po, lse, gh, gw, w, layout, scale, bias_grad):
+        B, L, _, H, D = qkv.shape
+        nW = _num_windows(L, gh, gw, w, layout)
+        dpre = qkv.new_empty((B, nW, 3, H, D)) if pqkv is not None else qkv.new_empty(0)
+        parts = qkv.new_empty((B * nW, 3, H, D) if bias_grad else (0,), dtype=torch.float32)
+        return qkv.new_empty((B, L, 3, H, D)), dpre, parts
+
+    @torch.library.register_fake(f"{ns}::cls_pool_kv_bwd")
+    def _(do, cqkv, kv, o, lse, gh, gw, w, layout, scale):
+        B, L, _, H, D = kv.shape
+        nW = _num_windows(L, gh, gw, w, layout)
+        return kv.new_empty((B, nW, 3, H, D)), kv.new_empty((B, L, 2, H, D))
