@@ -11,12 +11,15 @@ PYTEST_ARGS ?=
 
 setup: $(STAMP)
 
-$(STAMP): pyproject.toml setup.py
+# The CUDA sources are prerequisites too: a changed kernel or binding rebuilds the extension.
+$(STAMP): pyproject.toml setup.py $(wildcard csrc/kernels/* csrc/bindings/*)
 	test -x $(PY) || $(PYTHON) -m venv $(VENV)
 	$(PY) -m pip install -q --upgrade pip setuptools wheel
-	# torch first: the package builds against it without build isolation
-	$(PY) -m pip install -q "torch>=2.14"
+	# torch first: the package builds against it without build isolation; ninja compiles the
+	# optional CUDA extension sapiens2._C in parallel (it builds when nvcc is found)
+	$(PY) -m pip install -q "torch>=2.14" ninja
 	$(PY) -m pip install -q --no-build-isolation -e ".[test]"
+	$(PY) -c "from sapiens2.ops.backend import available_backends as b; print('sapiens2 CUDA extension:', b()['cuda'])"
 	touch $(STAMP)
 
 test: $(STAMP)

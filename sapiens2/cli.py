@@ -54,6 +54,24 @@ def cmd_flops(args) -> int:
     return 0
 
 
+def _cuda_extension_info() -> str:
+    """Where the compiled extension sapiens2._C is, or why it is missing and how to build it."""
+    import importlib.util
+
+    from .ops.backend import cuda_extension_available
+
+    spec = importlib.util.find_spec("sapiens2._C")
+    if spec is None:
+        return ("not built (pip install --no-build-isolation -e . with nvcc and a CUDA torch builds it for "
+                "sm_80 + sm_90a; `pip install -v` shows why a build skipped it)")
+    if not cuda_extension_available():
+        try:
+            importlib.import_module("sapiens2._C")
+        except Exception as e:  # built but broken (e.g. built against another torch): say why
+            return f"{spec.origin}: does not load: {type(e).__name__}: {e}"
+    return f"{spec.origin} (sm_80 + sm_90a)"
+
+
 def cmd_info(args) -> int:
     import platform
 
@@ -69,6 +87,7 @@ def cmd_info(args) -> int:
     except Exception:
         triton_v = "not installed"
     gpu = torch.cuda.get_device_name(0) if torch.cuda.is_available() else "none"
+    backends = available_backends()
     info = {
         "sapiens2": __version__,
         "python": platform.python_version(),
@@ -76,7 +95,8 @@ def cmd_info(args) -> int:
         "torch cuda": torch.version.cuda,
         "triton": triton_v,
         "gpu": gpu,
-        "backends": available_backends(),
+        "cuda extension": _cuda_extension_info(),
+        "backends": backends,
     }
     if args.json:
         print(json.dumps(info, indent=1))
@@ -87,19 +107,44 @@ def cmd_info(args) -> int:
             for kk, vv in v.items():
                 print(f"  {kk:<10} {vv}")
         else:
-            print(f"{k:<11} {v}")
+            print(f"{k:<15} {v}")
     return 0
 
 
 def cmd_kernels_report(args) -> int:
-    from .kernels.compile_gate import print_report, run_gate
+    """The Triton configs (``sapiens2.kernels.compile_gate``) and the hand-written CUDA kernels of
+    ``csrc/kernels`` (``sapiens2.cuda_tools.gate``, nvcc), compiled for ``--target`` without a GPU."""
+    rows, ok = [], True
+    if args.language in ("all", "triton"):
+        from .kernels.compile_gate import MAX_SHARED, print_report, run_gate
 
-    rows = run_gate(target=args.target, only_real_shapes=not args.all)
+        triton_rows = run_gate(target=args.target, only_real_shapes=not args.all)
+        ok &= all(r["compiled"] and not r["spill_bytes"] and (r["shared_bytes"] or 0) <= MAX_SHARED
+                  for r in triton_rows)
+        rows += triton_rows
+        if not args.json:
+            print(f"Triton kernels ({args.target}):")
+            print_report(triton_rows)
+    if args.language in ("all", "cuda"):
+        from .cuda_tools import gate
+
+        try:
+            cuda_rows = gate.run_gate(targets=(args.target,))
+        except gate.GateUnavailable as e:
+            cuda_rows = []
+            print(f"CUDA kernels (csrc/kernels): not compiled: {e}", file=sys.stderr if args.json else sys.stdout)
+        else:
+            ok &= all(gate.clean(r) for r in cuda_rows)
+            if not args.json:
+                nvcc = gate.find_nvcc()
+                if rows:
+                    print()
+                print(f"CUDA kernels (csrc/kernels, {args.target}, {gate.nvcc_version(nvcc) if nvcc else 'nvcc'}):")
+                gate.print_report(cuda_rows)
+        rows += cuda_rows
     if args.json:
         print(json.dumps(rows, indent=1))
-    else:
-        print_report(rows)
-    return 0 if all(r["compiled"] and not r["spill_bytes"] for r in rows) else 1
+    return 0 if ok else 1
 
 
 def cmd_bench(args) -> int:
@@ -164,10 +209,12 @@ def build_parser() -> argparse.ArgumentParser:
 
     k = sub.add_parser("kernels", help="kernel tools")
     ksub = k.add_subparsers(dest="kernels_command", required=True)
-    kr = ksub.add_parser("report", help="AOT-compile every shipped kernel config (no GPU needed)")
+    kr = ksub.add_parser("report", help="AOT-compile every shipped Triton config and CUDA kernel (no GPU needed)")
     kr.add_argument("--target", default="sm_90a", help="sm_90a (default) or sm_80")
     kr.add_argument("--all", action="store_true", help="every config, not only those the real shapes use")
-    kr.add_argument("--json", action="store_true")
+    kr.add_argument("--language", choices=("all", "triton", "cuda"), default="all",
+                    help="the Triton configs, the CUDA kernels of csrc/kernels (nvcc), or both (default)")
+    kr.add_argument("--json", action="store_true", help="one list of rows; CUDA rows have language 'cuda'")
     kr.set_defaults(func=cmd_kernels_report)
 
     b = sub.add_parser("bench", help="the benchmark report (default), or one of its parts")

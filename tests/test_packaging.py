@@ -1,6 +1,8 @@
 """``pip install .`` (non-editable, no build isolation) gives ``sapiens2`` with ``sapiens2.kernels``
-and its data, and no top-level ``kernels`` module (that name belongs to another PyPI package)."""
+and its data, the CUDA kernel sources as ``sapiens2/_csrc`` (for the compile gate and the CPU
+emulation), and no top-level ``kernels`` module (that name belongs to another PyPI package)."""
 
+import glob
 import os
 import subprocess
 import sys
@@ -24,3 +26,18 @@ def test_non_editable_install(tmp_path):
     out = subprocess.run([sys.executable, "-c", code], env={**env, "PYTHONPATH": str(target)}, cwd=tmp_path,
                          capture_output=True, text=True, check=True).stdout
     assert out.strip() == "6"
+    # the CUDA sources: every kernel, header, emulation and binding file of the checkout
+    want = [os.path.relpath(p, os.path.join(ROOT, "csrc")) for sub, pats in
+            (("kernels", ("*.cu", "*.cuh", "*.h")), ("emu", ("*.h", "*.cpp")), ("bindings", ("*.h", "*.cpp")))
+            for pat in pats for p in glob.glob(os.path.join(ROOT, "csrc", sub, pat))]
+    assert "kernels/rms_norm.cu" in want and "emu/cuda_emu.h" in want and "bindings/module.cpp" in want
+    missing = [w for w in want if not (target / "sapiens2" / "_csrc" / w).is_file()]
+    assert not missing, missing
+    assert not list((target / "sapiens2").glob("_C*.so")), "SAPIENS2_BUILD_CUDA=0 must not build the extension"
+    # the installed package finds its own copy, and the emulation builds from it
+    code = ("from sapiens2.cuda_tools import emu, sources; root = sources.csrc_dir(); print(root); "
+            "print(emu.build(sources=[root / 'kernels' / 'rms_norm.cu']).exists())")
+    out = subprocess.run([sys.executable, "-c", code], env={**env, "PYTHONPATH": str(target),
+                                                            "SAPIENS2_CACHE": str(tmp_path / "cache")},
+                         cwd=tmp_path, capture_output=True, text=True, check=True).stdout.split()
+    assert out == [str(target / "sapiens2" / "_csrc"), "True"], out

@@ -24,7 +24,9 @@ void check_param(const at::Tensor& p, const at::Tensor& x, int64_t cols, const c
 }
 
 void check_width(int64_t cols, const at::Tensor& x, const char* op) {
-  const int64_t widest = s2_rms_norm_max_width(s2b::dtype_code(x, op, "x"), 1);
+  // Rows whose width is a multiple of 16 bytes of elements take the vectorised kernels.
+  const int vec = x.scalar_type() == at::kFloat ? 4 : 8;
+  const int64_t widest = s2_rms_norm_max_width(s2b::dtype_code(x, op, "x"), cols % vec == 0 ? 1 : 0);
   TORCH_CHECK_VALUE(cols <= widest, op, ": rows of ", cols, " elements exceed the CUDA kernel's limit of ", widest,
                     " for ", x.scalar_type(), " (use the triton backend for wider rows)");
 }

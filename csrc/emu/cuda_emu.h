@@ -8,12 +8,17 @@
 //   * blocks run one after another, so `__shared__` variables are plain statics (one copy, reused
 //     by every block, uninitialised in spirit exactly as on a GPU);
 //   * __syncthreads is a block barrier; a barrier that not every thread reaches is reported as a
-//     deadlock instead of hanging;
+//     deadlock instead of hanging (both builds);
 //   * warp shuffles and ballots exchange values through a per-warp slot array and a warp barrier;
 //     only full-warp masks are supported (every kernel here keeps whole warps converged);
 //   * every global-memory access goes through gload/gstore (csrc/kernels/device_common.cuh), which
 //     count the bytes read and written per tracked buffer, byte by byte, so tests can assert that
-//     each input is read once and each output written once.
+//     each input is read once and each output written once; an access straddling the end of a
+//     tracked buffer is reported as out of bounds. The counters (and atomicAdd) use relaxed
+//     atomics, never a lock, so that they add no synchronisation ThreadSanitizer could mistake
+//     for a barrier.
+//
+// Self-tests: csrc/tests/test_emulator.cpp (CTest, and tests/cuda/test_emulator.py).
 //
 // Limits (documented in csrc/README.md): no tensor cores (mma/wgmma), no TMA, no async copies, no
 // clusters, no cooperative groups, no atomics beyond atomicAdd on float, no partial-warp masks,
@@ -30,6 +35,7 @@
 #include <cstdlib>
 #include <cstring>
 #include <functional>
+#include <memory>
 #include <stdexcept>
 #include <string>
 #include <vector>
@@ -114,11 +120,8 @@ struct Tracked {
 };
 
 struct Accounting {
-  std::vector<Tracked> buffers;
+  std::vector<Tracked> buffers;  // only changed between launches
   uint64_t untracked_reads = 0, untracked_writes = 0;
-#ifdef SAPIENS2_EMU_THREADS
-  std::mutex mu;
-#endif
 };
 
 inline Accounting& accounting() {
@@ -126,26 +129,30 @@ inline Accounting& accounting() {
   return a;
 }
 
+// Counters are updated with relaxed atomics, not under a lock: in the host-thread build a mutex
+// would order every pair of global accesses for ThreadSanitizer and hide real shared-memory races.
+inline void relaxed_add(uint64_t& c, uint64_t v) { __atomic_fetch_add(&c, v, __ATOMIC_RELAXED); }
+inline void saturating_inc(uint16_t& c) {
+  uint16_t old = __atomic_load_n(&c, __ATOMIC_RELAXED);
+  while (old != 0xffff &&
+         !__atomic_compare_exchange_n(&c, &old, uint16_t(old + 1), true, __ATOMIC_RELAXED, __ATOMIC_RELAXED)) {
+  }
+}
+
 inline void count(const void* p, size_t bytes, bool write) {
   Accounting& a = accounting();
-#ifdef SAPIENS2_EMU_THREADS
-  std::lock_guard<std::mutex> lock(a.mu);
-#endif
   uintptr_t lo = reinterpret_cast<uintptr_t>(p);
   for (Tracked& t : a.buffers) {
     if (lo >= t.begin && lo + bytes <= t.end) {
       auto& per_byte = write ? t.writes : t.reads;
-      for (size_t i = 0; i < bytes; ++i) {
-        uint16_t& c = per_byte[lo - t.begin + i];
-        if (c != 0xffff) ++c;
-      }
-      (write ? t.write_bytes : t.read_bytes) += bytes;
+      for (size_t i = 0; i < bytes; ++i) saturating_inc(per_byte[lo - t.begin + i]);
+      relaxed_add(write ? t.write_bytes : t.read_bytes, bytes);
       return;
     }
     if (lo < t.end && lo + bytes > t.begin)
       throw std::runtime_error("emu: access straddles the end of a tracked buffer (out of bounds)");
   }
-  (write ? a.untracked_writes : a.untracked_reads) += bytes;
+  relaxed_add(write ? a.untracked_writes : a.untracked_reads, bytes);
 }
 
 }  // namespace emu
@@ -160,14 +167,29 @@ namespace emu {
 #ifdef SAPIENS2_EMU_THREADS
 
 // A reusable barrier over `n` host threads (mutex + condition variable, which ThreadSanitizer
-// understands as synchronisation).
+// understands as synchronisation). Threads that leave the kernel (return or throw) are counted:
+// once every thread still running waits here while others have left, the barrier can never
+// complete, and every waiter fails with a deadlock error instead of hanging.
 struct Barrier {
   std::mutex mu;
   std::condition_variable cv;
-  unsigned n = 0, arrived = 0;
+  unsigned n = 0, arrived = 0, exited = 0;
   uint64_t generation = 0;
+  bool broken = false;
+  const char* what = "__syncthreads";
+
+  void reset(unsigned n_) {
+    n = n_;
+    arrived = exited = 0;
+    broken = false;
+  }
+  [[noreturn]] void deadlock() {
+    throw std::runtime_error(std::string("emu: deadlock: some threads wait at ") + what +
+                             " while others have left the kernel (divergent barrier or shuffle)");
+  }
   void wait() {
     std::unique_lock<std::mutex> lock(mu);
+    if (broken) deadlock();
     uint64_t gen = generation;
     if (++arrived == n) {
       arrived = 0;
@@ -175,7 +197,21 @@ struct Barrier {
       cv.notify_all();
       return;
     }
-    cv.wait(lock, [&] { return generation != gen; });
+    if (arrived + exited == n) {
+      broken = true;
+      cv.notify_all();
+      deadlock();
+    }
+    cv.wait(lock, [&] { return generation != gen || broken; });
+    if (generation == gen) deadlock();
+  }
+  void leave() {
+    std::lock_guard<std::mutex> lock(mu);
+    ++exited;
+    if (arrived > 0 && arrived + exited == n) {
+      broken = true;
+      cv.notify_all();
+    }
   }
 };
 
@@ -198,9 +234,8 @@ template <class Kernel>
 void run_grid(const Kernel& body) {
   LaunchState& L = launch_state();
   Block b;
-  b.block_barrier.n = L.nthreads;
   b.warp_barriers = std::vector<Barrier>(L.nthreads / 32);
-  for (auto& w : b.warp_barriers) w.n = 32;
+  for (auto& w : b.warp_barriers) w.what = "a warp shuffle / __syncwarp";
   b.slots[0].assign(L.nthreads, 0);
   b.slots[1].assign(L.nthreads, 0);
   b.parity.assign(L.nthreads, 0);
@@ -209,25 +244,35 @@ void run_grid(const Kernel& body) {
     for (unsigned by = 0; by < L.grid.y; ++by)
       for (unsigned bx = 0; bx < L.grid.x; ++bx) {
         L.block_idx = dim3(bx, by, bz);
+        b.block_barrier.reset(L.nthreads);
+        for (auto& w : b.warp_barriers) w.reset(32);
+        std::fill(b.parity.begin(), b.parity.end(), 0u);
         std::vector<std::thread> threads;
         std::vector<ThreadState> states(L.nthreads);
-        std::exception_ptr error;
+        std::exception_ptr error;  // the first failure (later ones are its consequences)
         std::mutex error_mu;
         for (unsigned t = 0; t < L.nthreads; ++t) {
           states[t].linear = t;
           states[t].thread_idx = dim3(t % L.block.x, (t / L.block.x) % L.block.y, t / (L.block.x * L.block.y));
+        }
+        for (unsigned t = 0; t < L.nthreads; ++t) {
           threads.emplace_back([&, t] {
             current_thread() = &states[t];
             try {
               body();
             } catch (...) {
               std::lock_guard<std::mutex> lock(error_mu);
-              error = std::current_exception();
+              if (!error) error = std::current_exception();
             }
+            b.warp_barriers[t / 32].leave();
+            b.block_barrier.leave();
           });
         }
         for (auto& th : threads) th.join();
-        if (error) std::rethrow_exception(error);
+        if (error) {
+          block() = nullptr;
+          std::rethrow_exception(error);
+        }
       }
   block() = nullptr;
 }
@@ -241,8 +286,17 @@ struct Fiber {
   ThreadState state;
   Wait wait = Wait::none;
   uint64_t generation = 0;  // generation of the barrier it waits on
-  std::vector<char> stack;
+  char* stack = nullptr;
 };
+
+// Fiber stacks, kept from launch to launch: allocated once (uninitialised, so only the pages a
+// thread touches are ever mapped) instead of 256 KiB zeroed per thread and launch.
+constexpr size_t kFiberStack = 256 * 1024;
+inline char* fiber_stack(unsigned i) {
+  static std::vector<std::unique_ptr<char[]>> pool;
+  while (pool.size() <= i) pool.emplace_back(new char[kFiberStack]);
+  return pool[i].get();
+}
 
 struct Block {
   std::vector<Fiber> fibers;
@@ -331,7 +385,7 @@ void run_grid(const Kernel& kernel_body) {
   for (unsigned t = 0; t < L.nthreads; ++t) {
     b.fibers[t].state.linear = t;
     b.fibers[t].state.thread_idx = dim3(t % L.block.x, (t / L.block.x) % L.block.y, t / (L.block.x * L.block.y));
-    b.fibers[t].stack.resize(256 * 1024);
+    b.fibers[t].stack = fiber_stack(t);
   }
   block() = &b;
   for (unsigned bz = 0; bz < L.grid.z; ++bz)
@@ -340,8 +394,8 @@ void run_grid(const Kernel& kernel_body) {
         L.block_idx = dim3(bx, by, bz);
         for (Fiber& f : b.fibers) {
           getcontext(&f.ctx);
-          f.ctx.uc_stack.ss_sp = f.stack.data();
-          f.ctx.uc_stack.ss_size = f.stack.size();
+          f.ctx.uc_stack.ss_sp = f.stack;
+          f.ctx.uc_stack.ss_size = kFiberStack;
           f.ctx.uc_link = nullptr;
           makecontext(&f.ctx, fiber_entry, 0);
           f.wait = Wait::none;
@@ -394,16 +448,16 @@ inline std::string& last_error() {
 template <class... Params, class... Args>
 void launch(void (*kernel)(Params...), dim3 grid, dim3 block_dim, size_t dynamic_smem, Args... args) {
   LaunchState& L = launch_state();
-  L.grid = grid;
-  L.block = block_dim;
-  L.nthreads = block_dim.x * block_dim.y * block_dim.z;
-  if (L.nthreads == 0 || L.nthreads % 32 != 0 || L.nthreads > 1024)
-    fail("blockDim must hold a multiple of 32 threads, at most 1024 (got " + std::to_string(L.nthreads) + ")");
-  if (grid.x == 0 || grid.y == 0 || grid.z == 0) return;
-  if (grid.y > 65535 || grid.z > 65535) fail("gridDim.y and gridDim.z must be at most 65535");
-  if (dynamic_smem > 227 * 1024) fail("dynamic shared memory above the 227 KiB per block of sm_90");
-  L.dynamic_smem.assign(dynamic_smem, 0);
   try {
+    L.grid = grid;
+    L.block = block_dim;
+    L.nthreads = block_dim.x * block_dim.y * block_dim.z;
+    if (L.nthreads == 0 || L.nthreads % 32 != 0 || L.nthreads > 1024)
+      fail("blockDim must hold a multiple of 32 threads, at most 1024 (got " + std::to_string(L.nthreads) + ")");
+    if (grid.x == 0 || grid.y == 0 || grid.z == 0) return;
+    if (grid.y > 65535 || grid.z > 65535) fail("gridDim.y and gridDim.z must be at most 65535");
+    if (dynamic_smem > 227 * 1024) fail("dynamic shared memory above the 227 KiB per block of sm_90");
+    L.dynamic_smem.assign(dynamic_smem, 0);
     run_grid([&] { kernel(args...); });
   } catch (const std::exception& e) {
     // Launchers are extern "C" and never throw: the failure becomes their status code, and the
@@ -427,6 +481,8 @@ template <class T>
 T shuffle_from(T v, unsigned (*src_of)(unsigned lane, unsigned arg, unsigned width), unsigned arg,
                unsigned width) {
   static_assert(sizeof(T) <= 8, "shuffle of a type wider than 8 bytes");
+  if (width == 0 || width > 32 || (width & (width - 1)) != 0)
+    fail("shuffle width must be a power of 2 from 1 to 32 (got " + std::to_string(width) + ")");
   Block* b = block();
   unsigned me = current_thread()->linear;
   unsigned warp = me / 32, lane = me % 32;
@@ -443,9 +499,12 @@ T shuffle_from(T v, unsigned (*src_of)(unsigned lane, unsigned arg, unsigned wid
   return out;
 }
 
+// Source lanes as PTX shfl.sync defines them for a segment of `width` lanes (CUDA's c operand
+// ((32 - width) << 8) | 0x1f, or (32 - width) << 8 for up): out-of-range sources read their own
+// value. xor may read from an *earlier* segment (PTX: j <= maxLane), never from a later one.
 inline unsigned src_xor(unsigned lane, unsigned m, unsigned width) {
   unsigned s = lane ^ m;
-  return (s / width == lane / width) ? s : lane;
+  return (s / width <= lane / width) ? s : lane;
 }
 inline unsigned src_down(unsigned lane, unsigned d, unsigned width) {
   unsigned s = lane + d;
@@ -506,17 +565,21 @@ inline float __saturatef(float x) { return x < 0.f ? 0.f : (x > 1.f ? 1.f : x); 
 inline float __fmaf_rn(float a, float b, float c) { return std::fma(a, b, c); }
 inline double rsqrt(double x) { return 1.0 / std::sqrt(x); }
 
-// atomicAdd: blocks run one at a time and fibers never interleave inside this call.
+// atomicAdd (float only): a relaxed compare-and-swap loop. Like the GPU's, it orders nothing else,
+// so in the host-thread build ThreadSanitizer still sees races on other memory around it.
 inline float atomicAdd(float* address, float value) {
-#ifdef SAPIENS2_EMU_THREADS
-  static std::mutex mu;
-  std::lock_guard<std::mutex> lock(mu);
-#endif
   emu::count(address, sizeof(float), false);
   emu::count(address, sizeof(float), true);
-  float old = *address;
-  *address = old + value;
-  return old;
+  uint32_t* bits = reinterpret_cast<uint32_t*>(address);
+  uint32_t old_bits = __atomic_load_n(bits, __ATOMIC_RELAXED);
+  for (;;) {
+    float old, sum;
+    std::memcpy(&old, &old_bits, 4);
+    sum = old + value;
+    uint32_t new_bits;
+    std::memcpy(&new_bits, &sum, 4);
+    if (__atomic_compare_exchange_n(bits, &old_bits, new_bits, true, __ATOMIC_RELAXED, __ATOMIC_RELAXED)) return old;
+  }
 }
 
 // ---- low-precision types (storage + round-to-nearest-even conversion, as cuda_bf16/fp16) ------

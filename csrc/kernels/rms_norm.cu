@@ -22,11 +22,11 @@
 namespace s2 {
 namespace {
 
-// Register budget (no spills on sm_90a, checked by the compile gate): at most 8 elements per thread
-// at 1024 threads; 16 at 768 threads, vectorised only (the scalar path's per-element addresses
-// cost too many registers).
+// Register budget (no spills on sm_90a / sm_80 with or without --use_fast_math, checked by the
+// compile gate): at most 8 elements per thread at 1024 threads, 16 at 768 threads; the scalar path
+// (per-element addresses) at most 4.
 constexpr int max_threads_for(int elems_per_thread) { return elems_per_thread > 8 ? 768 : 1024; }
-constexpr int max_elems_per_thread(int vec) { return vec == 1 ? 8 : 16; }
+constexpr int max_elems_per_thread(int vec) { return vec == 1 ? 4 : 16; }
 
 // Weights may be stored in T or in fp32 (mixed precision keeps fp32 masters): a runtime switch,
 // taken once per block.
@@ -72,7 +72,7 @@ __device__ __forceinline__ void store_row(T* row, int64_t c, int64_t C, const fl
 }
 
 template <class T, int NV, int VEC>
-__global__ void __launch_bounds__(max_threads_for(NV * VEC)) rms_norm_fwd_kernel(const T* __restrict__ x, const T* __restrict__ residual,
+__global__ void __launch_bounds__(max_threads_for(NV * VEC), 1) rms_norm_fwd_kernel(const T* __restrict__ x, const T* __restrict__ residual,
                                                             const void* __restrict__ x_scale, const void* __restrict__ w,
                                                             int param_dtype, T* __restrict__ y, T* __restrict__ h,
                                                             float* __restrict__ rstd_out, int64_t rows, int64_t C,
@@ -218,7 +218,7 @@ __global__ void __launch_bounds__(256) column_sum_kernel(const float* __restrict
 
 // Threads per block and vectors per thread for a row of C elements in vectors of VEC: the fewest
 // vectors per thread that keep the block at <= 256 threads. Rows up to 12288 elements vectorised
-// (the widest real row, the 5B FFN's 9728, included), 8192 scalar (C not a multiple of the vector).
+// (the widest real row, the 5B FFN's 9728, included), 4096 scalar (C not a multiple of the vector).
 
 struct RowShape {
   int threads, nv;

@@ -1,5 +1,6 @@
 """Optional report sections, registered with ``sapiens2.bench.run``: the cost model (ours vs the
-official block), the Hopper compile gate, and, on a GPU, measured per-op throughput."""
+official block), the Hopper compile gate (Triton configs and the CUDA kernels of csrc/), and, on a
+GPU, measured per-op throughput."""
 
 from __future__ import annotations
 
@@ -69,6 +70,26 @@ def _compile(rep: Report, quick: bool) -> None:
                 f"{clean} of {len(rows)} configs compile with no register spills and at most 227 KiB shared memory "
                 "(AOT, no GPU; cached per kernel-source hash).",
                 columns=["kernel", "compiled", "registers", "spill_bytes", "shared_bytes", "wgmma", "tma"])
+    _compile_cuda(rep)
+
+
+def _compile_cuda(rep: Report) -> None:
+    """The hand-written CUDA kernels of csrc/kernels through nvcc (cached per file content)."""
+    from ..cuda_tools import gate
+
+    try:
+        rows = gate.run_gate(("sm_90a",))
+    except gate.GateUnavailable as e:
+        rep.note(f"_CUDA kernels (csrc/kernels): not compiled here: {e}._")
+        return
+    clean = sum(gate.clean(r) for r in rows)
+    rep.section("compile_cuda_sm90a", "Hopper (sm_90a) compile report of the hand-written CUDA kernels", rows,
+                f"{clean} of {len(rows)} kernels from {len({r['file'] for r in rows})} files compile with no register "
+                "spills, no local stack and at most 227 KiB static shared memory (nvcc "
+                "`-O3 --use_fast_math`, ptxas -v; no GPU; cached per source hash).",
+                columns=["kernel", "file", "compiled", "registers", "spill_bytes", "stack_bytes", "shared_bytes",
+                         "barriers"],
+                fmt={"kernel": lambda v: f"`{v}`"})  # template brackets are not HTML
 
 
 def _gpu_ops(rep: Report, quick: bool) -> None:

@@ -13,12 +13,19 @@ reads and writes per tracked buffer::
 
 ``load(threads=True)`` builds the host-thread variant (one OS thread per CUDA thread); add
 ``sanitize=True`` for ThreadSanitizer, which then reports a missing ``__syncthreads`` as a data
-race (slow; not part of CI).
+race. The TSAN runtime must be in the process from its start, so run such code in a process
+started with :func:`tsan_env` (``LD_PRELOAD`` of the compiler's libtsan)::
+
+    LD_PRELOAD=$(g++ -print-file-name=libtsan.so) python my_check.py   # my_check: emu.load(True, True)
+
+``sources`` picks the kernel files to build (default: every ``csrc/kernels/*.cu``), e.g. one
+kernel plus a test kernel from ``csrc/tests``.
 """
 
 from __future__ import annotations
 
 import ctypes
+import hashlib
 import os
 import shutil
 import subprocess
@@ -45,8 +52,9 @@ def _compiler() -> str:
     return cxx
 
 
-def build(threads: bool = False, sanitize: bool = False) -> Path:
-    """Compile (or reuse, keyed by a hash of the sources and flags) the emulation library."""
+def build(threads: bool = False, sanitize: bool = False, sources: list[Path] | tuple[Path, ...] | None = None) -> Path:
+    """Compile (or reuse, keyed by a hash of the sources and flags) the emulation library of
+    ``sources`` (default: every kernel file) and the emulator's C API."""
     root = csrc_dir()
     if root is None:
         raise EmulationUnavailable("the CUDA kernel sources (csrc/) are not available")
@@ -57,14 +65,17 @@ def build(threads: bool = False, sanitize: bool = False) -> Path:
         flags += ["-DSAPIENS2_EMU_THREADS", "-pthread"]
     if sanitize:
         flags += ["-fsanitize=thread", "-g", "-O1"]
-    key = source_hash(root, " ".join([cxx] + flags))
+    units = [Path(p) for p in (kernel_sources(root) if sources is None else sources)]
+    chosen = "".join(f"{p.name}:{hashlib.sha256(p.read_bytes()).hexdigest()}" for p in units)
+    key = source_hash(root, " ".join([cxx] + flags) + chosen)
     out = cache_dir() / f"libs2emu-{key}.so"
     if out.exists():
         return out
-    units = kernel_sources(root) + [root / "emu" / "emu_capi.cpp"]
+    units.append(root / "emu" / "emu_capi.cpp")
     with tempfile.TemporaryDirectory() as tmp:
-        def compile_one(src: Path) -> Path:
-            obj = Path(tmp) / (src.stem + ".o")
+        def compile_one(i_src: tuple[int, Path]) -> Path:
+            i, src = i_src
+            obj = Path(tmp) / f"{i}_{src.stem}.o"
             r = subprocess.run([cxx, *flags, "-x", "c++", "-c", str(src), "-o", str(obj)],
                                capture_output=True, text=True)
             if r.returncode != 0:
@@ -72,14 +83,47 @@ def build(threads: bool = False, sanitize: bool = False) -> Path:
             return obj
 
         with ThreadPoolExecutor(max_workers=os.cpu_count() or 2) as pool:
-            objs = list(pool.map(compile_one, units))
-        link = [cxx, "-shared", *objs, "-o", str(out) + ".tmp"] + (["-fsanitize=thread"] if sanitize else []) + (
+            objs = list(pool.map(compile_one, enumerate(units)))
+        tmp_out = f"{out}.tmp{os.getpid()}"
+        link = [cxx, "-shared", *objs, "-o", tmp_out] + (["-fsanitize=thread"] if sanitize else []) + (
             ["-pthread"] if threads else [])
         r = subprocess.run([str(a) for a in link], capture_output=True, text=True)
         if r.returncode != 0:
             raise RuntimeError(f"emulation link failed:\n{r.stderr}")
-        os.replace(str(out) + ".tmp", out)
+        os.replace(tmp_out, out)
     return out
+
+
+def tsan_runtime() -> str | None:
+    """Path of the compiler's ThreadSanitizer runtime (libtsan.so), or None."""
+    try:
+        r = subprocess.run([_compiler(), "-print-file-name=libtsan.so"], capture_output=True, text=True)
+    except (OSError, EmulationUnavailable):
+        return None
+    path = r.stdout.strip()
+    return path if r.returncode == 0 and os.path.isabs(path) and os.path.exists(path) else None
+
+
+def tsan_env(**extra: str) -> dict[str, str]:
+    """Environment for a process that loads ``load(threads=True, sanitize=True)``: libtsan
+    preloaded, reports to stderr, exit status 66 after a report."""
+    lib = tsan_runtime()
+    if lib is None:
+        raise EmulationUnavailable("no ThreadSanitizer runtime (libtsan.so) for the host compiler")
+    env = dict(os.environ)
+    env["LD_PRELOAD"] = " ".join(p for p in (lib, env.get("LD_PRELOAD", "")) if p)
+    env["TSAN_OPTIONS"] = " ".join(p for p in ("halt_on_error=0 exitcode=66 second_deadlock_stack=1",
+                                                env.get("TSAN_OPTIONS", "")) if p)
+    env.update(extra)
+    return env
+
+
+def _tsan_loaded() -> bool:
+    try:
+        with open("/proc/self/maps") as f:
+            return "libtsan" in f.read()
+    except OSError:
+        return False
 
 
 def _arg(a):
@@ -127,13 +171,21 @@ class EmuLibrary:
         self._lib.s2emu_set_reverse(ctypes.c_int(int(reverse)))
 
 
-_loaded: dict[tuple[bool, bool], EmuLibrary] = {}
+_loaded: dict[tuple, EmuLibrary] = {}
 
 
-def load(threads: bool = False, sanitize: bool = False) -> EmuLibrary:
-    key = (threads, sanitize)
+def load(threads: bool = False, sanitize: bool = False,
+         sources: list[Path] | tuple[Path, ...] | None = None) -> EmuLibrary:
+    """Build if needed and load the emulation library (once per variant and source list).
+    ``sanitize=True`` needs a process started with :func:`tsan_env` (libtsan preloaded)."""
+    key = (threads, sanitize, None if sources is None else tuple(str(p) for p in sources))
     if key not in _loaded:
-        _loaded[key] = EmuLibrary(build(threads, sanitize))
+        if sanitize and not _tsan_loaded():
+            raise EmulationUnavailable(
+                "the ThreadSanitizer build can only be loaded into a process started with the TSAN runtime "
+                f"preloaded: LD_PRELOAD={tsan_runtime() or '$(g++ -print-file-name=libtsan.so)'} python ... "
+                "(sapiens2.cuda_tools.emu.tsan_env() gives that environment for a subprocess)")
+        _loaded[key] = EmuLibrary(build(threads, sanitize, sources))
     return _loaded[key]
 
 

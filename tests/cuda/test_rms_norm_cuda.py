@@ -167,7 +167,9 @@ def test_binding_errors_name_the_argument(_emu_ext):
     with pytest.raises(TypeError, match="residual has dtype"):
         E.add_rms_norm_fwd(x, x.bfloat16(), None, w, EPS)
     with pytest.raises(ValueError, match="exceed the CUDA kernel's limit"):
-        E.rms_norm_fwd(torch.randn(1, 12289), torch.randn(12289), EPS)
+        E.rms_norm_fwd(torch.randn(1, 12296), torch.randn(12296), EPS)  # vectorised rows: up to 12288
+    with pytest.raises(ValueError, match="exceed the CUDA kernel's limit"):
+        E.rms_norm_fwd(torch.randn(1, 4097), torch.randn(4097), EPS)  # scalar rows (odd widths): up to 4096
     with pytest.raises(ValueError, match="rstd must hold one value per row"):
         E.rms_norm_bwd(x, x, w, torch.randn(3))
 

@@ -12,7 +12,7 @@ from torch import Tensor
 from . import ops
 
 MAX_WIDTH_VECTORISED = 12288
-MAX_WIDTH_SCALAR = 8192
+MAX_WIDTH_SCALAR = 4096
 
 
 def _fits(x: Tensor) -> bool:
