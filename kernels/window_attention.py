@@ -452,6 +452,16 @@ def _rows(x: torch.Tensor, dtype: torch.dtype) -> tuple[torch.Tensor, int]:
     return x.to(dtype).contiguous(), NH * D
 
 
+def _rows_shared(xs, dtype: torch.dtype):
+    """``_rows`` for tensors read with one shared row stride (q, k, v; the prefixes): as they are when
+    their strides agree (slots of one packed projection), else all made contiguous."""
+    got = [_rows(x, dtype) for x in xs]
+    if len({st for _, st in got}) == 1:
+        return [t for t, _ in got], got[0][1]
+    NH, D = xs[0].shape[2], xs[0].shape[3]
+    return [_c(x, dtype) for x in xs], NH * D
+
+
 def _out_rows(shape, like: torch.Tensor, dtype, out: Optional[torch.Tensor]) -> tuple[torch.Tensor, int]:
     """A gradient output: the caller's (possibly strided, e.g. a slot of a packed dqkv) view, or new."""
     if out is None:
@@ -483,15 +493,11 @@ def window_attention_fwd(q, k, v, prefix_q, prefix_k, prefix_v, token_mask, grid
     has_mask = token_mask is not None
     if has_mask and layout != "grid":
         raise ValueError("token_mask is only supported with layout='grid'")
-    (q, s_tok), (k, s_k), (v, s_v) = (_rows(x, dt) for x in (q, k, v))
-    if not s_tok == s_k == s_v:
-        (q, s_tok), (k, _), (v, _) = ((_c(x, dt), NH * D) for x in (q, k, v))
+    (q, k, v), s_tok = _rows_shared((q, k, v), dt)
     s_pre = NH * D
     pq = pk = pv = q
     if has_prefix:
-        (pq, s_pre), (pk, s_pk), (pv, s_pv) = (_rows(x, dt) for x in (prefix_q, prefix_k, prefix_v))
-        if not s_pre == s_pk == s_pv:
-            (pq, s_pre), (pk, _), (pv, _) = ((_c(x, dt), NH * D) for x in (prefix_q, prefix_k, prefix_v))
+        (pq, pk, pv), s_pre = _rows_shared((prefix_q, prefix_k, prefix_v), dt)
     S = window * window + (1 if has_prefix else 0)
     o = torch.empty((B, L, NH, D), device=q.device, dtype=dt)
     po = torch.empty((B, nW, NH, D), device=q.device, dtype=dt) if has_prefix else q.new_empty(0)
@@ -528,16 +534,12 @@ def window_attention_bwd(do, dprefix_o, q, k, v, prefix_q, prefix_k, prefix_v, t
     has_mask = token_mask is not None
     if has_mask and layout != "grid":
         raise ValueError("token_mask is only supported with layout='grid'")
-    (q, s_tok), (k, s_k), (v, s_v) = (_rows(x, dt) for x in (q, k, v))
-    if not s_tok == s_k == s_v:
-        (q, s_tok), (k, _), (v, _) = ((_c(x, dt), NH * D) for x in (q, k, v))
+    (q, k, v), s_tok = _rows_shared((q, k, v), dt)
     do, o = _c(do, dt), _c(o, dt)
     s_pre = NH * D
     pq = pk = pv = po = q
     if has_prefix:
-        (pq, s_pre), (pk, s_pk), (pv, s_pv) = (_rows(x, dt) for x in (prefix_q, prefix_k, prefix_v))
-        if not s_pre == s_pk == s_pv:
-            (pq, s_pre), (pk, _), (pv, _) = ((_c(x, dt), NH * D) for x in (prefix_q, prefix_k, prefix_v))
+        (pq, pk, pv), s_pre = _rows_shared((prefix_q, prefix_k, prefix_v), dt)
         po = _c(prefix_o, dt)
     dpo = _c(dprefix_o, dt) if has_dpo else do
     lse = lse.to(torch.float32).contiguous()
@@ -574,12 +576,8 @@ def cls_pool_fwd(cls_q, cls_k, cls_v, k, v, grid_h, grid_w, window, layout, scal
     dt = cls_q.dtype
     B, L, NH, D = k.shape
     nW, nWc = _geometry(L, grid_h, grid_w, window, layout)
-    (k, s_tok), (v, s_v) = (_rows(x, dt) for x in (k, v))
-    if s_tok != s_v:
-        (k, s_tok), (v, _) = ((_c(x, dt), NH * D) for x in (k, v))
-    (cq, s_pre), (ck, s_ck), (cv, s_cv) = (_rows(x, dt) for x in (cls_q, cls_k, cls_v))
-    if not s_pre == s_ck == s_cv:
-        (cq, s_pre), (ck, _), (cv, _) = ((_c(x, dt), NH * D) for x in (cls_q, cls_k, cls_v))
+    (k, v), s_tok = _rows_shared((k, v), dt)
+    (cq, ck, cv), s_pre = _rows_shared((cls_q, cls_k, cls_v), dt)
     o = torch.empty((B, nW, NH, D), device=k.device, dtype=dt)
     lse = torch.empty((B * nW, NH, 1), device=k.device, dtype=torch.float32)
     n_prog = B * nW * NH
@@ -603,12 +601,8 @@ def cls_pool_bwd(do, cls_q, cls_k, cls_v, k, v, o, lse, grid_h, grid_w, window, 
     dt = cls_q.dtype
     B, L, NH, D = k.shape
     nW, nWc = _geometry(L, grid_h, grid_w, window, layout)
-    (k, s_tok), (v, s_v) = (_rows(x, dt) for x in (k, v))
-    if s_tok != s_v:
-        (k, s_tok), (v, _) = ((_c(x, dt), NH * D) for x in (k, v))
-    (cq, s_pre), (ck, s_ck), (cv, s_cv) = (_rows(x, dt) for x in (cls_q, cls_k, cls_v))
-    if not s_pre == s_ck == s_cv:
-        (cq, s_pre), (ck, _), (cv, _) = ((_c(x, dt), NH * D) for x in (cls_q, cls_k, cls_v))
+    (k, v), s_tok = _rows_shared((k, v), dt)
+    (cq, ck, cv), s_pre = _rows_shared((cls_q, cls_k, cls_v), dt)
     do, o = _c(do, dt), _c(o, dt)
     lse = lse.to(torch.float32).contiguous()
     (dcq, s_gpre), (dck, _), (dcv, _) = (_out_rows((B, nW, NH, D), k, dt, t) for t in (cls_grads_out or (None,) * 3))

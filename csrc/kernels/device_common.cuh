@@ -83,6 +83,43 @@ __device__ __forceinline__ void gstore_vec(T* p, const Vec<T, N>& v) {
   *reinterpret_cast<Vec<T, N>*>(p) = v;
 }
 
+// VEC consecutive elements of T as fp32 (one 128-bit access when VEC * sizeof(T) == 16).
+template <class T, int VEC>
+__device__ __forceinline__ void load_f32(const T* p, float* out) {
+  if constexpr (VEC == 1) {
+    out[0] = to_f32(gload(p));
+  } else {
+    const Vec<T, VEC> v = gload_vec<T, VEC>(p);
+#pragma unroll
+    for (int j = 0; j < VEC; ++j) out[j] = to_f32(v.v[j]);
+  }
+}
+
+template <class T, int VEC>
+__device__ __forceinline__ void store_f32(T* p, const float* in) {
+  if constexpr (VEC == 1) {
+    gstore(p, from_f32<T>(in[0]));
+  } else {
+    Vec<T, VEC> v;
+#pragma unroll
+    for (int j = 0; j < VEC; ++j) v.v[j] = from_f32<T>(in[j]);
+    gstore_vec<T, VEC>(p, v);
+  }
+}
+
+// Element i of a parameter vector stored in any DType (mixed precision keeps fp32 masters beside
+// bf16 activations): a runtime switch, uniform across the block.
+__device__ __forceinline__ float load_param_f32(const void* p, int dtype, int64_t i) {
+  switch (dtype) {
+    case kFloat32:
+      return gload(static_cast<const float*>(p) + i);
+    case kFloat16:
+      return to_f32(gload(static_cast<const __half*>(p) + i));
+    default:
+      return to_f32(gload(static_cast<const __nv_bfloat16*>(p) + i));
+  }
+}
+
 // Elements per 128-bit access.
 template <class T>
 constexpr int vec_width() { return 16 / int(sizeof(T)); }

@@ -53,40 +53,6 @@ struct Shape {
   int per_sample_tables;
 };
 
-__device__ __forceinline__ float param_f32(const void* p, int dtype, int64_t i) {
-  switch (dtype) {
-    case kFloat32:
-      return gload(static_cast<const float*>(p) + i);
-    case kFloat16:
-      return to_f32(gload(static_cast<const __half*>(p) + i));
-    default:
-      return to_f32(gload(static_cast<const __nv_bfloat16*>(p) + i));
-  }
-}
-
-template <class T, int VEC>
-__device__ __forceinline__ void load_floats(const T* p, float* out) {
-  if constexpr (VEC == 1) {
-    out[0] = to_f32(gload(p));
-  } else {
-    const Vec<T, VEC> v = gload_vec<T, VEC>(p);
-#pragma unroll
-    for (int j = 0; j < VEC; ++j) out[j] = to_f32(v.v[j]);
-  }
-}
-
-template <class T, int VEC>
-__device__ __forceinline__ void store_floats(T* p, const float* in) {
-  if constexpr (VEC == 1) {
-    gstore(p, from_f32<T>(in[0]));
-  } else {
-    Vec<T, VEC> v;
-#pragma unroll
-    for (int j = 0; j < VEC; ++j) v.v[j] = from_f32<T>(in[j]);
-    gstore_vec<T, VEC>(p, v);
-  }
-}
-
 // Sum over the lanes of a group (xor partners below `lanes` stay inside the group). Every lane of
 // the warp calls it: `m < lanes` is the same in the whole block.
 __device__ __forceinline__ float group_sum(float v, int lanes) {
@@ -109,8 +75,8 @@ __device__ __forceinline__ Place place(const Shape& s) {
 __device__ __forceinline__ void stage_weights(float (*weight)[kMaxHeadDim], const void* q_weight,
                                               const void* k_weight, int param_dtype, int D) {
   for (int c = threadIdx.x; c < D; c += blockDim.x) {
-    weight[0][c] = param_f32(q_weight, param_dtype, c);
-    weight[1][c] = param_f32(k_weight, param_dtype, c);
+    weight[0][c] = load_param_f32(q_weight, param_dtype, c);
+    weight[1][c] = load_param_f32(k_weight, param_dtype, c);
   }
 }
 
@@ -177,8 +143,8 @@ __global__ void __launch_bounds__(kMaxThreads, kMinBlocksPerSM) qk_norm_rope_fwd
         for (int c = 0; c < MAXC; ++c) {
           const int i = (c * s.lanes + p.lane) * VEC;
           if (hd.live && c < s.chunks && i < s.half) {
-            load_floats<T, VEC>(x + i, x1[c]);
-            load_floats<T, VEC>(x + s.half + i, x2[c]);
+            load_f32<T, VEC>(x + i, x1[c]);
+            load_f32<T, VEC>(x + s.half + i, x2[c]);
           } else {
 #pragma unroll
             for (int j = 0; j < VEC; ++j) x1[c][j] = x2[c][j] = 0.0f;
@@ -206,8 +172,8 @@ __global__ void __launch_bounds__(kMaxThreads, kMinBlocksPerSM) qk_norm_rope_fwd
               o2[j] = n2;
             }
           }
-          store_floats<T, VEC>(out + i, o1);
-          store_floats<T, VEC>(out + s.half + i, o2);
+          store_f32<T, VEC>(out + i, o1);
+          store_f32<T, VEC>(out + s.half + i, o2);
         }
         if (p.lane == 0) gstore((hd.is_q ? q_rstd : k_rstd) + hd.row, rstd);
       }
@@ -266,10 +232,10 @@ __global__ void __launch_bounds__(kMaxThreads, kMinBlocksPerSM) qk_norm_rope_bwd
           const bool mine = hd.live && c < s.chunks && i < s.half;
           float g1[VEC], g2[VEC];
           if (mine) {
-            load_floats<T, VEC>(g + i, g1);
-            load_floats<T, VEC>(g + s.half + i, g2);
-            load_floats<T, VEC>(x + i, xh1[c]);
-            load_floats<T, VEC>(x + s.half + i, xh2[c]);
+            load_f32<T, VEC>(g + i, g1);
+            load_f32<T, VEC>(g + s.half + i, g2);
+            load_f32<T, VEC>(x + i, xh1[c]);
+            load_f32<T, VEC>(x + s.half + i, xh2[c]);
           } else {
 #pragma unroll
             for (int j = 0; j < VEC; ++j) g1[j] = g2[j] = xh1[c][j] = xh2[c][j] = 0.0f;
@@ -305,8 +271,8 @@ __global__ void __launch_bounds__(kMaxThreads, kMinBlocksPerSM) qk_norm_rope_bwd
             o1[j] = rstd * (gw1[c][j] - xh1[c][j] * mean_dot);
             o2[j] = rstd * (gw2[c][j] - xh2[c][j] * mean_dot);
           }
-          store_floats<T, VEC>(dx + i, o1);
-          store_floats<T, VEC>(dx + s.half + i, o2);
+          store_f32<T, VEC>(dx + i, o1);
+          store_f32<T, VEC>(dx + s.half + i, o2);
         }
       }
     }

@@ -28,47 +28,20 @@ namespace {
 constexpr int max_threads_for(int elems_per_thread) { return elems_per_thread > 8 ? 768 : 1024; }
 constexpr int max_elems_per_thread(int vec) { return vec == 1 ? 4 : 16; }
 
-// Weights may be stored in T or in fp32 (mixed precision keeps fp32 masters): a runtime switch,
-// taken once per block.
-__device__ __forceinline__ float load_param(const void* p, int dtype, int64_t i) {
-  switch (dtype) {
-    case kFloat32:
-      return gload(static_cast<const float*>(p) + i);
-    case kFloat16:
-      return to_f32(gload(static_cast<const __half*>(p) + i));
-    default:
-      return to_f32(gload(static_cast<const __nv_bfloat16*>(p) + i));
-  }
-}
-
 // Load VEC consecutive elements starting at column c of a row into fp32 (zeros past C).
 template <class T, int VEC>
 __device__ __forceinline__ void load_row(const T* row, int64_t c, int64_t C, float* out) {
-  if (c >= C) {
+  if (c < C) {
+    load_f32<T, VEC>(row + c, out);
+  } else {
 #pragma unroll
     for (int j = 0; j < VEC; ++j) out[j] = 0.0f;
-    return;
-  }
-  if constexpr (VEC == 1) {
-    out[0] = to_f32(gload(row + c));
-  } else {
-    Vec<T, VEC> v = gload_vec<T, VEC>(row + c);
-#pragma unroll
-    for (int j = 0; j < VEC; ++j) out[j] = to_f32(v.v[j]);
   }
 }
 
 template <class T, int VEC>
 __device__ __forceinline__ void store_row(T* row, int64_t c, int64_t C, const float* in) {
-  if (c >= C) return;
-  if constexpr (VEC == 1) {
-    gstore(row + c, from_f32<T>(in[0]));
-  } else {
-    Vec<T, VEC> v;
-#pragma unroll
-    for (int j = 0; j < VEC; ++j) v.v[j] = from_f32<T>(in[j]);
-    gstore_vec<T, VEC>(row + c, v);
-  }
+  if (c < C) store_f32<T, VEC>(row + c, in);
 }
 
 template <class T, int NV, int VEC>
@@ -91,7 +64,7 @@ __global__ void __launch_bounds__(max_threads_for(NV * VEC), 1) rms_norm_fwd_ker
         load_row<T, VEC>(residual + base, c, C, r);
 #pragma unroll
         for (int j = 0; j < VEC; ++j) {
-          const float s = (x_scale != nullptr && c + j < C) ? load_param(x_scale, param_dtype, c + j) : 1.0f;
+          const float s = (x_scale != nullptr && c + j < C) ? load_param_f32(x_scale, param_dtype, c + j) : 1.0f;
           const float scaled = x_scale != nullptr ? round_to<T>(v[i][j] * s) : v[i][j];
           v[i][j] = round_to<T>(r[j] + scaled);  // the stream as PyTorch stores it
         }
@@ -108,7 +81,7 @@ __global__ void __launch_bounds__(max_threads_for(NV * VEC), 1) rms_norm_fwd_ker
       float out[VEC];
 #pragma unroll
       for (int j = 0; j < VEC; ++j)
-        out[j] = c + j < C ? v[i][j] * rstd * load_param(w, param_dtype, c + j) : 0.0f;
+        out[j] = c + j < C ? v[i][j] * rstd * load_param_f32(w, param_dtype, c + j) : 0.0f;
       store_row<T, VEC>(y + base, c, C, out);
     }
   }
@@ -151,7 +124,7 @@ __global__ void __launch_bounds__(max_threads_for(NV * VEC)) rms_norm_bwd_kernel
       load_row<T, VEC>(dy + base, c, C, d[i]);
 #pragma unroll
       for (int j = 0; j < VEC; ++j)
-        if (c + j < C) dot += d[i][j] * load_param(w, param_dtype, c + j) * hv[i][j];
+        if (c + j < C) dot += d[i][j] * load_param_f32(w, param_dtype, c + j) * hv[i][j];
     }
     const float total = block_sum(dot, scratch);  // its barriers also publish row_rstd
     const float rstd = row_rstd[parity];
@@ -163,7 +136,7 @@ __global__ void __launch_bounds__(max_threads_for(NV * VEC)) rms_norm_bwd_kernel
 #pragma unroll
       for (int j = 0; j < VEC; ++j) {
         const float xh = hv[i][j] * rstd;
-        const float g = c + j < C ? d[i][j] * load_param(w, param_dtype, c + j) : 0.0f;
+        const float g = c + j < C ? d[i][j] * load_param_f32(w, param_dtype, c + j) : 0.0f;
         dw[(i * VEC + j) * blockDim.x + threadIdx.x] += d[i][j] * xh;
         gh[j] = rstd * (g - xh * mean_dot);
       }
@@ -181,7 +154,7 @@ __global__ void __launch_bounds__(max_threads_for(NV * VEC)) rms_norm_bwd_kernel
 #pragma unroll
           for (int j = 0; j < VEC; ++j) {
             ds[(i * VEC + j) * blockDim.x + threadIdx.x] += gh[j] * xv[j];
-            out[j] = c + j < C ? gh[j] * load_param(x_scale, param_dtype, c + j) : 0.0f;
+            out[j] = c + j < C ? gh[j] * load_param_f32(x_scale, param_dtype, c + j) : 0.0f;
           }
           store_row<T, VEC>(dx + base, c, C, out);
         }

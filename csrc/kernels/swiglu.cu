@@ -34,29 +34,6 @@ constexpr int64_t kMaxGridY = 65535;
 
 enum Pass : int { kForward = 0, kBackward = 1, kRecompute = 2, kBias = 3 };
 
-template <class T, int VEC>
-__device__ __forceinline__ void load_floats(const T* p, float* out) {
-  if constexpr (VEC == 1) {
-    out[0] = to_f32(gload(p));
-  } else {
-    const Vec<T, VEC> v = gload_vec<T, VEC>(p);
-#pragma unroll
-    for (int j = 0; j < VEC; ++j) out[j] = to_f32(v.v[j]);
-  }
-}
-
-template <class T, int VEC>
-__device__ __forceinline__ void store_floats(T* p, const float* in) {
-  if constexpr (VEC == 1) {
-    gstore(p, from_f32<T>(in[0]));
-  } else {
-    Vec<T, VEC> v;
-#pragma unroll
-    for (int j = 0; j < VEC; ++j) v.v[j] = from_f32<T>(in[j]);
-    gstore_vec<T, VEC>(p, v);
-  }
-}
-
 // VEC fp32 partial sums: 128-bit stores when VEC is a multiple of 4 (the partial rows are then
 // 16-byte aligned: 2F and the column are multiples of VEC).
 template <int VEC>
@@ -95,8 +72,8 @@ __global__ void __launch_bounds__(kMaxThreads) swiglu_kernel(const T* __restrict
   for (int64_t r = blockIdx.y; r < rows; r += gridDim.y) {
     const T* row = x12 + r * 2 * F;
     float a[VEC], b[VEC];
-    load_floats<T, VEC>(row + c, a);
-    load_floats<T, VEC>(row + F + c, b);
+    load_f32<T, VEC>(row + c, a);
+    load_f32<T, VEC>(row + F + c, b);
     float sg[VEC];
 #pragma unroll
     for (int j = 0; j < VEC; ++j) sg[j] = sigmoid(a[j]);
@@ -104,11 +81,11 @@ __global__ void __launch_bounds__(kMaxThreads) swiglu_kernel(const T* __restrict
       float out[VEC];
 #pragma unroll
       for (int j = 0; j < VEC; ++j) out[j] = a[j] * sg[j] * b[j];
-      store_floats<T, VEC>(y + r * F + c, out);
+      store_f32<T, VEC>(y + r * F + c, out);
     }
     if constexpr (PASS != kForward) {
       float g[VEC], da[VEC], db[VEC];
-      load_floats<T, VEC>(grad + r * F + c, g);
+      load_f32<T, VEC>(grad + r * F + c, g);
 #pragma unroll
       for (int j = 0; j < VEC; ++j) {
         da[j] = round_to<T>(g[j] * b[j] * sg[j] * (1.0f + a[j] * (1.0f - sg[j])));
@@ -117,8 +94,8 @@ __global__ void __launch_bounds__(kMaxThreads) swiglu_kernel(const T* __restrict
         sum_db[j] += db[j];
       }
       T* drow = dx12 + r * 2 * F;
-      store_floats<T, VEC>(drow + c, da);
-      store_floats<T, VEC>(drow + F + c, db);
+      store_f32<T, VEC>(drow + c, da);
+      store_f32<T, VEC>(drow + F + c, db);
     }
   }
   if constexpr (PASS == kRecompute || PASS == kBias) {

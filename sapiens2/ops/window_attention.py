@@ -326,6 +326,18 @@ def _check_window_inputs(q, k, v, grid_hw, window, layout, prefix=None):
     return B, nW, gh, gw
 
 
+def check_token_mask(token_mask, layout, B, gh, gw, ref):
+    """``token_mask``: None or bool ``(B, gh*gw)`` on ``ref``'s device, grid layout only."""
+    if token_mask is None:
+        return
+    if layout != "grid":
+        raise ValueError("token_mask is only supported with layout='grid'")
+    if token_mask.dtype != torch.bool:
+        raise TypeError(f"token_mask must be a bool tensor, got {token_mask.dtype}")
+    check_shape("token_mask", token_mask, (B, gh * gw))
+    check_same_device(tokens=ref, token_mask=token_mask)
+
+
 def _check_prefix(name, p, B, nW, q):
     check_float(name, p)
     check_shape(name, p, (B, nW, q.shape[2], q.shape[3]))
@@ -347,13 +359,7 @@ def window_attention(
     if prefix_q is not None:
         for name, p in zip(("prefix_q", "prefix_k", "prefix_v"), prefixes):
             _check_prefix(name, p, B, nW, q)
-    if token_mask is not None:
-        if layout != "grid":
-            raise ValueError("token_mask is only supported with layout='grid'")
-        if token_mask.dtype != torch.bool:
-            raise TypeError(f"token_mask must be a bool tensor, got {token_mask.dtype}")
-        check_shape("token_mask", token_mask, (B, gh * gw))
-        check_same_device(q=q, token_mask=token_mask)
+    check_token_mask(token_mask, layout, B, gh, gw, q)
     scale = 1.0 / math.sqrt(q.shape[-1]) if scale is None else float(scale)
     o, po, _ = torch.ops.sapiens2.window_attention(
         q, k, v, prefix_q, prefix_k, prefix_v, token_mask, gh, gw, window, layout, scale

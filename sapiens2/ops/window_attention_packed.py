@@ -35,6 +35,7 @@ from .window_attention import (
     _cp_flop,
     _num_windows,
     _window_flops,
+    check_token_mask,
     cls_pool_bwd_ref,
     cls_pool_ref,
     window_attention_bwd_ref,
@@ -250,13 +251,7 @@ def check_window_attention_qkv(qkv, grid_hw, window, prefix_qkv=None, layout="gr
         if prefix_qkv.dtype != qkv.dtype:
             raise TypeError(f"prefix_qkv has dtype {prefix_qkv.dtype} but qkv has {qkv.dtype}")
         check_same_device(qkv=qkv, prefix_qkv=prefix_qkv)
-    if token_mask is not None:
-        if layout != "grid":
-            raise ValueError("token_mask is only supported with layout='grid'")
-        if token_mask.dtype != torch.bool:
-            raise TypeError(f"token_mask must be a bool tensor, got {token_mask.dtype}")
-        check_shape("token_mask", token_mask, (B, gh * gw))
-        check_same_device(qkv=qkv, token_mask=token_mask)
+    check_token_mask(token_mask, layout, B, gh, gw, qkv)
     return gh, gw
 
 

@@ -332,7 +332,8 @@ def test_shipped_configs_compile_sm90a():
     names = [c["name"] for c in K.SHIPPED_CONFIGS]
     assert len(names) == len(set(names))
     kinds = {n.split("_bf16")[0].split("_fp16")[0] for n in names}
-    assert kinds == {"window_attn_fwd_prefix", "window_attn_bwd_prefix", "cls_pool_fwd", "cls_pool_bwd"}
+    assert kinds == {"window_attn_fwd_prefix", "window_attn_bwd_prefix", "window_attn_bwd_prefix_bias", "cls_pool_fwd",
+                     "cls_pool_bwd"}
     env = {k: v for k, v in os.environ.items() if k != "TRITON_INTERPRET"}
     r = subprocess.run([sys.executable, "-c", _AOT], env=env, capture_output=True, text=True, timeout=600)
     assert r.returncode == 0, r.stderr[-4000:]
