@@ -23,7 +23,10 @@ $(STAMP): pyproject.toml setup.py $(wildcard csrc/kernels/* csrc/bindings/*)
 	touch $(STAMP)
 
 test: $(STAMP)
-	$(PY) -m pytest -q --durations=15 $(PYTEST_ARGS)
+	$(PY) -m pytest -q --durations=15 -m "not gpu" $(PYTEST_ARGS)
+	# the GPU tests in their own process (all skipped without a GPU): the kernel tests above run
+	# Triton's interpreter on CPU tensors, and that mode is process-wide
+	$(PY) -m pytest -q -m gpu -p no:cacheprovider tests/test_gpu.py
 	# the microbenchmarks once each as a smoke test (timings only mean something on a GPU)
 	$(PY) -m pytest benchmarks -q --benchmark-disable -p no:cacheprovider
 
