@@ -145,7 +145,10 @@ def _cuda_extension():
     use_ninja = is_ninja_available()
     # after the toolkit's own headers (-idirafter), for the bindings only (the kernels need none)
     math_includes = [f for d in _math_library_includes(cuda_home) for f in ("-idirafter", d)]
-    arch_flags = [f"-gencode=arch=compute_{a},code=sm_{a}" for a in ARCHS]
+    # SASS for sm_80 and sm_90a, plus compute_90 PTX that newer GPUs (sm_100, sm_120) JIT-compile:
+    # the kernels use no sm_90a-only feature.
+    arch_flags = [f"-gencode=arch=compute_{a},code=sm_{a}" for a in ARCHS] + [
+        "-gencode=arch=compute_90,code=compute_90"]
     ext = CUDAExtension(
         name="sapiens2._C",
         sources=kernels + bindings,

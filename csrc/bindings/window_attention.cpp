@@ -91,6 +91,7 @@ Geo geometry(const at::Tensor& x, const char* xname, int64_t grid_h, int64_t gri
   TORCH_CHECK_VALUE(window <= 8 && rows <= 65, op, ": window ", window, " has ", rows,
                     " rows per window; the CUDA kernels take at most 65 (windows up to 8x8)");
   const int64_t need = s2_window_attention_smem_bytes(kernel, window, has_prefix ? 1 : 0, g.D);
+  S2_DEVICE_GUARD(x);  // the limit of x's device, not of whichever device is current
   const int64_t limit = s2_window_attention_smem_limit();
   TORCH_CHECK_VALUE(need > 0 && need <= limit, op, ": window ", window, " with head dim ", g.D, " needs ", need,
                     " bytes of shared memory per block, more than this device's ", limit);

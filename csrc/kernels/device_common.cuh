@@ -161,9 +161,19 @@ __device__ __forceinline__ float block_sum(float v, float* scratch) {
 #define S2_DYNAMIC_SMEM(type, name)                      \
   extern __shared__ __align__(16) unsigned char s2_dynamic_smem_raw[]; \
   type* name = reinterpret_cast<type*>(s2_dynamic_smem_raw)
-// Above 48 KiB a kernel must opt in to its dynamic shared memory.
-#define S2_SET_MAX_DYNAMIC_SMEM(kernel, bytes) \
-  ((bytes) > 48 * 1024 ? (void)cudaFuncSetAttribute(kernel, cudaFuncAttributeMaxDynamicSharedMemorySize, int(bytes)) : (void)0)
+// Above 48 KiB a kernel must opt in to its dynamic shared memory. The opt-in is set to the device's
+// maximum, not to this launch's size: one value for every caller, so host threads launching the
+// same kernel with different sizes cannot undo each other's setting between set and launch.
+template <class Kernel>
+inline void s2_opt_in_dynamic_smem(Kernel kernel, size_t bytes) {
+  if (bytes <= 48 * 1024) return;
+  int device = 0, most = 0;
+  if (cudaGetDevice(&device) != cudaSuccess ||
+      cudaDeviceGetAttribute(&most, cudaDevAttrMaxSharedMemoryPerBlockOptin, device) != cudaSuccess)
+    return;  // the launch then reports the error
+  cudaFuncSetAttribute(kernel, cudaFuncAttributeMaxDynamicSharedMemorySize, most);
+}
+#define S2_SET_MAX_DYNAMIC_SMEM(kernel, bytes) s2_opt_in_dynamic_smem(kernel, bytes)
 #endif
 
 #ifdef SAPIENS2_EMU

@@ -65,10 +65,14 @@ def plain_attention(q, k, v, qw, kw, sin, cos, p, seq_lens, scale, eps):
 
 
 def _check(name, got, ref64, low, out_dtype, zero_scale=1.0, ulps=1):
-    got, low = got.double(), low.double()
+    """``low``: the same computation in the low precision, or several forms of it (then the largest
+    error counts: plain autograd, and the op's reference backward that recomputes P from the saved
+    lse as the kernel does)."""
+    lows = [t.double() for t in (low if isinstance(low, (tuple, list)) else (low,))]
+    got = got.double()
     assert torch.isfinite(got).all(), f"{name}: non-finite values"
     err = (got - ref64).abs().max().item() if ref64.numel() else 0.0
-    base = (low - ref64).abs().max().item() if ref64.numel() else 0.0
+    base = max((lo - ref64).abs().max().item() for lo in lows) if ref64.numel() else 0.0
     mag = ref64.abs().max().item() if ref64.numel() else 0.0
     # An identically zero float64 result is pure cancellation (dq, dk with a single key: the softmax
     # of one score is constant, dP - delta = 0); its ulp term is then taken at the scale of the
@@ -86,7 +90,8 @@ def _check_per_sample(name, got, ref64, low, out_dtype, lengths, zero_scale=1.0)
     P) is then the whole error: such samples get 4 ulp instead of 1."""
     for b in range(got.shape[0]):
         ulps = 4 if lengths[b] == 1 else 1
-        _check(f"{name}[sample {b}]", got[b], ref64[b], low[b], out_dtype, zero_scale, ulps)
+        lows = [t[b] for t in low] if isinstance(low, (tuple, list)) else low[b]
+        _check(f"{name}[sample {b}]", got[b], ref64[b], lows, out_dtype, zero_scale, ulps)
 
 
 def _inputs(B, N, H, Hkv, D, dtype, norm, rope, p, lens, per_sample, seed):
@@ -141,18 +146,24 @@ def run_case(B, N, H, Hkv, D, dtype, norm=False, rope=False, p=0, lens=False, pe
     grads = A.attention_bwd(do, q, k, v, o, lse, qw, kw, sin, cos, p, seq_lens, scale, eps)
     (o64 * do.double()).sum().backward()
     (olo * do).sum().backward()
+    # the op's reference backward in the low precision: P recomputed from the saved lse, as the kernel
+    from sapiens2.ops.attention import _attention_bwd_ref, _attention_ref
+
+    ro, rlse = _attention_ref(q, k, v, qw, kw, sin, cos, p, seq_lens, scale, eps)
+    rgrads = _attention_bwd_ref(do, q, k, v, qw, kw, sin, cos, p, seq_lens, scale, eps, ro, rlse)
     names = ["dq", "dk", "dv", "dq_norm_weight", "dk_norm_weight"]
-    for name, got, a64, alo, ref in zip(names, grads, l64, llo, [q, k, v, qw, kw]):
+    for name, got, a64, alo, ref, rg in zip(names, grads, l64, llo, [q, k, v, qw, kw], rgrads):
         if ref is None:
             assert got.numel() == 0, name
             continue
         assert got.shape == ref.shape and got.dtype == ref.dtype, name
         # |dP| <= D max|dO| max|V| bounds the terms that cancel in dS = P (dP - delta)
         zero_scale = D * do.abs().max().item() * v.abs().max().item()
+        lows = (alo.grad, rg.to(alo.grad.dtype))
         if a64.grad.dim() == 1:  # norm weights: summed over the batch
-            _check(name, got, a64.grad, alo.grad, dtype, zero_scale)
+            _check(name, got, a64.grad, lows, dtype, zero_scale)
         else:
-            _check_per_sample(name, got, a64.grad, alo.grad, dtype, lengths, zero_scale)
+            _check_per_sample(name, got, a64.grad, lows, dtype, lengths, zero_scale)
     if seq_lens is not None:
         for b in range(B):
             assert (grads[0][b, seq_lens[b]:] == 0).all()  # no gradient into padded query rows
