@@ -3,7 +3,7 @@
 The pure-Python package (``sapiens2`` plus ``kernels/`` installed as ``sapiens2.kernels``) always
 installs, with the CUDA kernel sources of ``csrc/{kernels,emu,bindings}`` as package data
 ``sapiens2/_csrc/...`` (so the compile gate and the CPU emulation work from a wheel too). The
-optional compiled extension ``sapiens2._C`` (sm_80 + sm_90a) is built from ``csrc/`` when
+optional compiled extension ``sapiens2._C`` (sm_80 + sm_90a SASS, compute_90 PTX) is built from ``csrc/`` when
 
 * ``SAPIENS2_BUILD_CUDA`` is not ``0``,
 * the installed torch is a CUDA build, and

@@ -69,7 +69,7 @@ def _cuda_extension_info() -> str:
             importlib.import_module("sapiens2._C")
         except Exception as e:  # built but broken (e.g. built against another torch): say why
             return f"{spec.origin}: does not load: {type(e).__name__}: {e}"
-    return f"{spec.origin} (sm_80 + sm_90a)"
+    return f"{spec.origin} (sm_80 + sm_90a, compute_90 PTX)"
 
 
 def cmd_info(args) -> int:
