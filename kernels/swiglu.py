@@ -109,41 +109,36 @@ def swiglu_bwd(dy: torch.Tensor, x12: torch.Tensor) -> torch.Tensor:
     return dx12
 
 
-def swiglu_recompute_bwd(ds: torch.Tensor, x12: torch.Tensor, bias_grad: bool):
-    """ds (M, F), x12 (M, 2F) -> (s (M, F), dx12 (M, 2F), db12 (2F,) or empty)."""
+def _recompute_pass(ds: torch.Tensor, x12: torch.Tensor, bias_grad: bool, write_s: bool):
+    """One launch of ``_recompute_bwd_kernel``: (s or None, dx12, db12 or empty)."""
     check_dtype(ds, x12)
     assert ds.is_contiguous() and x12.is_contiguous()
     M, F2 = x12.shape
     F = F2 // 2
-    s = torch.empty(M, F, device=x12.device, dtype=x12.dtype)
+    s = torch.empty(M, F, device=x12.device, dtype=x12.dtype) if write_s else None
     dx12 = torch.empty_like(x12)
     sms = torch.cuda.get_device_properties(x12.device).multi_processor_count if x12.is_cuda else 8
     cols = triton.cdiv(F, BLOCK_F) if F else 1
     P = max(1, min(M, triton.cdiv(4 * sms, cols))) if bias_grad else M  # row blocks
     part = torch.zeros(P if bias_grad else 1, F2, device=x12.device, dtype=torch.float32)
     if M and F:
-        _recompute_bwd_kernel[(P, cols)](ds, x12, s, dx12, part, M, F, triton.cdiv(M, P), BIAS=bias_grad,
-                                         BLOCK=BLOCK_F, INTERPRET=INTERPRET, num_warps=NUM_WARPS)
+        _recompute_bwd_kernel[(P, cols)](ds, x12, s if write_s else dx12, dx12, part, M, F, triton.cdiv(M, P),
+                                         BIAS=bias_grad, BLOCK=BLOCK_F, INTERPRET=INTERPRET, WRITE_S=write_s,
+                                         num_warps=NUM_WARPS)
     db = part.sum(0).to(x12.dtype) if bias_grad else x12.new_empty(0)
     return s, dx12, db
 
 
+def swiglu_recompute_bwd(ds: torch.Tensor, x12: torch.Tensor, bias_grad: bool):
+    """ds (M, F), x12 (M, 2F) -> (s (M, F), dx12 (M, 2F), db12 (2F,) or empty)."""
+    return _recompute_pass(ds, x12, bias_grad, write_s=True)
+
+
 def swiglu_bias_bwd(ds: torch.Tensor, x12: torch.Tensor):
-    """ds (M, F), x12 (M, 2F) -> (dx12 (M, 2F), db12 (2F,)): the recompute kernel without writing s
+    """ds (M, F), x12 (M, 2F) -> (dx12 (M, 2F), db12 (2F,)): the recompute pass without writing s
     (for callers that kept the hidden activation)."""
-    check_dtype(ds, x12)
-    assert ds.is_contiguous() and x12.is_contiguous()
-    M, F2 = x12.shape
-    F = F2 // 2
-    dx12 = torch.empty_like(x12)
-    sms = torch.cuda.get_device_properties(x12.device).multi_processor_count if x12.is_cuda else 8
-    cols = triton.cdiv(F, BLOCK_F) if F else 1
-    P = max(1, min(M, triton.cdiv(4 * sms, cols)))
-    part = torch.zeros(P, F2, device=x12.device, dtype=torch.float32)
-    if M and F:
-        _recompute_bwd_kernel[(P, cols)](ds, x12, dx12, dx12, part, M, F, triton.cdiv(M, P), BIAS=True,
-                                         BLOCK=BLOCK_F, INTERPRET=INTERPRET, WRITE_S=False, num_warps=NUM_WARPS)
-    return dx12, part.sum(0).to(x12.dtype)
+    _, dx12, db = _recompute_pass(ds, x12, True, write_s=False)
+    return dx12, db
 
 
 def shipped_configs(dtypes=(torch.bfloat16, torch.float16)):

@@ -8,9 +8,10 @@ extension ``sapiens2._C``). The choice is made per call, inside the custom op, f
   ``"cuda"`` or ``"auto"``. An op missing in the forced backend falls back to the reference with a
   one-time warning, or raises ``NotImplementedError`` when ``strict=True``.
 * ``"auto"`` (the default) — cuda (extension built, GPU tensors) > triton (GPU tensors) >
-  reference. Inside ``sapiens2.ops.cuda.emulated()`` (tests) the ``"cuda"`` backend runs the same
-  CUDA kernel sources through the CPU emulation on CPU tensors; ``auto`` never picks it. It never picks the Triton interpreter: only an explicit ``use_backend("triton")``
-  runs Triton kernels on CPU tensors, and only with ``TRITON_INTERPRET=1`` set.
+  reference. It never picks the Triton interpreter: only an explicit ``use_backend("triton")``
+  runs Triton kernels on CPU tensors, and only with ``TRITON_INTERPRET=1`` set. Nor does it pick
+  the CUDA emulation: inside ``sapiens2.ops.cuda.emulated()`` (tests) an explicit
+  ``use_backend("cuda")`` runs the same CUDA kernel sources on CPU tensors.
 
 Forward ops return the same saved values whatever the backend (e.g. the fp32 inverse RMS), so a
 backward may run on another backend than its forward.

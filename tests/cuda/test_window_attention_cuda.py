@@ -80,18 +80,9 @@ CASES = [
 
 
 def _window_case(B, gh, gw, w, H, D, prefix, layout, mask, sel, dtype, seed=0, use_prefix_out=True):
-    gen = torch.Generator().manual_seed(seed)
-    q, k, v = (data(B, gh * gw, H, D, gen=gen, dtype=dtype) for _ in range(3))
-    if layout == "windows":
-        q, k, v = (gathered(t, gh, gw, w, sel) for t in (q, k, v))
-    nW = q.shape[1] // (w * w)
-    pre = [data(B, nW, H, D, gen=gen, dtype=dtype) for _ in range(3)] if prefix else []
-    tm = None
-    if mask:
-        tm = torch.rand(B, gh * gw, generator=gen) > 0.4
-        tm.view(B, gh // w, w, gw // w, w)[0, 0, :, 0, :] = False  # window 0 of batch 0: every key masked
-    do = data(*q.shape, gen=gen, dtype=dtype)
-    dpo = data(B, nW, H, D, gen=gen, dtype=dtype) if prefix and use_prefix_out else None
+    (q, k, v, *pre), tm, do, dpo = _qkv_inputs(B, gh, gw, w, H, D, prefix, layout, mask, sel, dtype, seed)
+    if not use_prefix_out:
+        dpo = None
 
     def fn(q, k, v, *p):
         out = ref_any_layout(q, k, v, gh, gw, w, layout, *p, token_mask=tm)
@@ -232,7 +223,7 @@ def _qkv_inputs(B, gh, gw, w, H, D, prefix, layout, mask, sel, dtype, seed):
     tm = None
     if mask:
         tm = torch.rand(B, gh * gw, generator=gen) > 0.4
-        tm.view(B, gh // w, w, gw // w, w)[0, 0, :, 0, :] = False
+        tm.view(B, gh // w, w, gw // w, w)[0, 0, :, 0, :] = False  # window 0 of batch 0: every key masked
     do = data(*q.shape, gen=gen, dtype=dtype)
     dpo = data(B, nW, H, D, gen=gen, dtype=dtype) if prefix else None
     return [q, k, v] + pre, tm, do, dpo

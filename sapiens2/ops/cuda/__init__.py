@@ -56,7 +56,3 @@ def emulated() -> Iterator[None]:
         yield
     finally:
         _state["namespace"] = previous
-
-
-def family(name: str):
-    return importlib.import_module(f"{__name__}.{name}")
