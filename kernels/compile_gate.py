@@ -16,11 +16,12 @@ from __future__ import annotations
 import hashlib
 import json
 import os
-import re
 import subprocess
 import sys
 import tempfile
 from concurrent.futures import ProcessPoolExecutor
+
+from ..cuda_tools.gate import parse_ptxas
 
 MAX_SHARED = 227 * 1024
 _TARGETS = {"sm_90a": 90, "sm_90": 90, "sm_80": 80}
@@ -40,9 +41,9 @@ def _ptxas_usage(ptx: str, arch: str) -> tuple[int, int]:
             f.write(ptx)
         r = subprocess.run([_ptxas(), "-v", f"--gpu-name={arch}", src, "-o", os.path.join(d, "k.cubin")],
                            capture_output=True, text=True)
-    out = r.stdout + r.stderr
-    regs = sum(int(m) for m in re.findall(r"Used (\d+) registers", out))
-    spills = sum(int(a) + int(b) for a, b in re.findall(r"(\d+) bytes spill stores, (\d+) bytes spill loads", out))
+    funcs = parse_ptxas(r.stdout + r.stderr)  # the parser the CUDA kernels' gate uses
+    regs = sum(f["registers"] or 0 for f in funcs)
+    spills = sum(f["spill_stores"] + f["spill_loads"] for f in funcs)
     return regs, spills
 
 
