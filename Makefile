@@ -7,7 +7,7 @@ PY      = $(VENV)/bin/python
 STAMP   = $(VENV)/.sapiens2-installed
 PYTEST_ARGS ?=
 
-.PHONY: setup test bench clean
+.PHONY: setup test bench gpu-check clean
 
 setup: $(STAMP)
 
@@ -33,6 +33,11 @@ test: $(STAMP)
 bench: $(STAMP)
 	$(VENV)/bin/sapiens2 flops --all
 	$(VENV)/bin/sapiens2 bench --quick --out bench-report
+
+# The prepared GPU check for a bare GPU machine without network: the machine's own python3 and torch,
+# nothing installed from a registry (scripts/gpu_check.sh says what it runs and writes).
+gpu-check:
+	PYTHON=$${PYTHON:-python3} scripts/gpu_check.sh gpu-check
 
 clean:
 	rm -rf $(VENV) build *.egg-info

@@ -25,13 +25,16 @@ VARIANTS = [
 BACKENDS = ["reference", "triton", "cuda"]
 
 
-def backend_or_skip(name: str):
-    from sapiens2.ops.backend import cuda_extension_available, triton_available
+def backend_or_skip(name: str, op: str):
+    """Skip (with the reason) a backend that cannot run ``op`` here."""
+    from sapiens2.ops.backend import cuda_extension_available, has_impl, triton_available
 
     if name == "triton" and not (ON_GPU and triton_available()):
         pytest.skip("triton backend needs a GPU (the interpreter is never timed)")
     if name == "cuda" and not (ON_GPU and cuda_extension_available()):
         pytest.skip("cuda backend needs a GPU and the compiled extension")
+    if not has_impl(op, name):
+        pytest.skip(f"the {name} backend has no {op!r} kernel")
 
 
 def tag(benchmark, **info):

@@ -42,7 +42,7 @@ def attention(q, k, v, qw=None, kw=None, sin=None, cos=None, p=0, seq_lens=None,
     scale = D**-0.5 if scale is None else scale
     s = torch.einsum("bnhd,bmhd->bhnm", q, k) * scale
     if seq_lens is not None:
-        keep = torch.arange(N)[None, :] < seq_lens[:, None]
+        keep = torch.arange(N, device=q.device)[None, :] < seq_lens[:, None]
         s = s.masked_fill(~keep[:, None, None, :], float("-inf"))
     o = torch.einsum("bhnm,bmhd->bnhd", torch.softmax(s, -1), v)
     if seq_lens is not None:

@@ -9,6 +9,7 @@ import torch
 from torch import Tensor, nn
 from torch.nn.init import trunc_normal_
 
+from ..ops._checks import check_seq_lens, values_checkable
 from .config import ArchConfig, get_arch
 from .layers import Block, RMSNorm, linear_patch_embed, settle
 from .rope import Rope2D
@@ -165,7 +166,7 @@ class Sapiens2Backbone(nn.Module):
             raise ValueError(f"visible_ids must be (B={B}, K>=1), got shape {tuple(ids.shape)}")
         if ids.device != device:
             raise ValueError(f"visible_ids is on {ids.device} but images are on {device}")
-        if ids.device.type != "meta":
+        if values_checkable(ids):  # one device sync per forward; skipped while torch.compile traces
             if bool(((ids < 0) | (ids >= n)).any()):
                 raise ValueError(f"visible_ids must index the {n} trunk tokens, got values outside [0, {n})")
             if ids.shape[1] > 1 and bool((ids[:, 1:] <= ids[:, :-1]).any()):
@@ -178,8 +179,14 @@ class Sapiens2Backbone(nn.Module):
         return sin, cos
 
     def forward_tokens(self, x: Tensor, rope: tuple[Tensor, Tensor], seq_lens: Optional[Tensor] = None) -> Tensor:
-        """Run the trunk on patch tokens ``(B, n, C)``; returns final-normed ``(B, 9 + n, C)``."""
+        """Run the trunk on patch tokens ``(B, n, C)``; returns final-normed ``(B, 9 + n, C)``.
+
+        ``seq_lens`` ``(B,)``: valid lengths (prefix tokens included) of right-padded samples; their
+        values are checked here once (skipped while ``torch.compile`` traces: validate eagerly with
+        ``check_seq_lens`` before a compiled region)."""
         B = x.shape[0]
+        if seq_lens is not None:
+            check_seq_lens(seq_lens, B, self.num_prefix_tokens + x.shape[1], x)
         x = torch.cat([self.cls_token.expand(B, -1, -1), self.storage_tokens.expand(B, -1, -1), x], dim=1)
         h, pending = x, None
         for blk in self.blocks:

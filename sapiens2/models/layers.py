@@ -96,13 +96,14 @@ class Attention(nn.Module):
         q, k, v = self.qkv(x)
         qw = self.q_norm.weight if self.q_norm is not None else None
         kw = self.k_norm.weight if self.k_norm is not None else None
+        # seq_lens values are validated once per forward by the backbone, not once per layer
         if self.fused or qw is None:
             o = ops.attention(q, k, v, q_norm_weight=qw, k_norm_weight=kw, rope=rope,
-                              num_prefix_tokens=num_prefix_tokens, seq_lens=seq_lens)
+                              num_prefix_tokens=num_prefix_tokens, seq_lens=seq_lens, check_values=False)
         else:  # unfused path, kept for comparison: QK-norm + RoPE op, then plain attention
             sin, cos = rope if rope is not None else (None, None)
             q, k = ops.qk_norm_rope(q, k, qw, kw, sin, cos, num_prefix_tokens)
-            o = ops.attention(q, k, v, seq_lens=seq_lens)
+            o = ops.attention(q, k, v, seq_lens=seq_lens, check_values=False)
         return self.proj(o.reshape(B, N, C))
 
     @property

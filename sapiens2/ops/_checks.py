@@ -46,3 +46,21 @@ def check_same_dtype(**tensors: torch.Tensor | None) -> None:
 def check_shape(name: str, t: torch.Tensor, shape: tuple[int, ...]) -> None:
     if tuple(t.shape) != tuple(shape):
         raise ValueError(f"{name} must have shape {tuple(shape)}, got {tuple(t.shape)}")
+
+
+def values_checkable(t: torch.Tensor) -> bool:
+    """Whether a check of ``t``'s values may run here: not on the meta device and not while
+    ``torch.compile`` traces (a data-dependent check there is a graph break and a host sync; compiled
+    callers validate once, eagerly, before the compiled region)."""
+    return t.device.type != "meta" and not torch.compiler.is_compiling()
+
+
+def check_seq_lens(seq_lens, B: int, N: int, ref: torch.Tensor, check_values: bool = True) -> None:
+    """``(B,)`` int32/int64 valid lengths in [1, N] on ``ref``'s device. The value check syncs with the
+    device once; ``check_values=False`` skips it for callers that validated already."""
+    if not isinstance(seq_lens, torch.Tensor) or seq_lens.dtype not in (torch.int32, torch.int64):
+        raise TypeError(f"seq_lens must be an int32/int64 tensor of shape (B,), got {seq_lens!r:.80}")
+    check_shape("seq_lens", seq_lens, (B,))
+    check_same_device(q=ref, seq_lens=seq_lens)
+    if check_values and values_checkable(seq_lens) and bool(((seq_lens < 1) | (seq_lens > N)).any()):
+        raise ValueError(f"seq_lens must be in [1, N={N}], got {seq_lens.tolist()}")

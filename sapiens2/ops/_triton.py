@@ -94,9 +94,9 @@ def attention(q, k, v, qw, kw, sin, cos, p, seq_lens, scale, eps):
     return _kernels("attention").attention_fwd(_c(q), _c(k), _c(v), _c(qw), _c(kw), _c(sin), _c(cos), p, _c(seq_lens), scale, eps)
 
 
-def attention_backward(do, q, k, v, o, lse, qw, kw, sin, cos, p, seq_lens, scale, eps):
-    return _kernels("attention").attention_bwd(_c(do), _c(q), _c(k), _c(v), _c(o), _c(lse), _c(qw), _c(kw), _c(sin), _c(cos), p,
-                             _c(seq_lens), scale, eps)
+def attention_backward(do, q, k, v, o, lse, qw, kw, sin, cos, p, seq_lens, scale, eps, deterministic=False):
+    return _kernels("attention_bwd").attention_bwd(_c(do), _c(q), _c(k), _c(v), _c(o), _c(lse), _c(qw), _c(kw),
+                                                   _c(sin), _c(cos), p, _c(seq_lens), scale, eps, deterministic)
 
 
 # Window attention / cls_pool: the launchers read q/k/v-like inputs through row strides, so views of

@@ -19,10 +19,16 @@ import torch
 from torch import Tensor
 from torch.utils.flop_counter import register_flop_formula
 
-from . import backend
-from ._checks import check_float, check_same_device, check_shape, stat_dtype
+from . import backend, determinism
+from ._checks import check_float, check_same_device, check_seq_lens, check_shape, stat_dtype
 from ._sdpa_ref import sdpa_bwd, sdpa_fwd
 from .qk_norm_rope import _qk_norm_rope_bwd_ref, _qk_norm_rope_ref, check_heads, check_rope, rope_bwd_ref, rope_ref
+
+
+def kernel_limits(D: int) -> Optional[str]:
+    """Why the attention kernels cannot take head dim ``D`` (None when they can): their tensor-core
+    tiles need D >= 16. The reference backend takes any D; ``auto`` picks it for such inputs."""
+    return f"head dim {D} < 16 (the attention kernels' tensor-core tiles need D >= 16)" if D < 16 else None
 
 
 def _group(q: Tensor, Hkv: int) -> Tensor:
@@ -112,8 +118,10 @@ def _attention(
     seq_lens: Optional[Tensor],
     scale: float,
     norm_eps: float,
+    deterministic: bool = False,
 ) -> tuple[Tensor, Tensor]:
-    impl = backend.select("attention", q)
+    # ``deterministic`` only matters to the backward; the forward takes it so that autograd keeps it
+    impl = backend.select("attention", q, unsupported=kernel_limits(q.shape[-1]))
     args = (q, k, v, q_norm_weight, k_norm_weight, sin, cos, num_prefix_tokens, seq_lens, scale, norm_eps)
     if impl == "reference":
         return _attention_ref(*args)
@@ -121,7 +129,8 @@ def _attention(
 
 
 @_attention.register_fake
-def _(q, k, v, q_norm_weight, k_norm_weight, sin, cos, num_prefix_tokens, seq_lens, scale, norm_eps):
+def _(q, k, v, q_norm_weight, k_norm_weight, sin, cos, num_prefix_tokens, seq_lens, scale, norm_eps,
+      deterministic=False):
     B, N, H, D = q.shape
     return torch.empty_like(q), q.new_empty((B, H, N), dtype=stat_dtype(q))
 
@@ -142,18 +151,22 @@ def _attention_backward(
     seq_lens: Optional[Tensor],
     scale: float,
     norm_eps: float,
+    deterministic: bool = False,
 ) -> tuple[Tensor, Tensor, Tensor, Tensor, Tensor]:
-    """Returns (dq, dk, dv, dq_norm_weight, dk_norm_weight); the last two empty without norms."""
-    impl = backend.select("attention_backward", q)
+    """Returns (dq, dk, dv, dq_norm_weight, dk_norm_weight); the last two empty without norms.
+    ``deterministic``: no atomics (the kernels recompute S and dP for dQ: 7 GEMMs instead of 5)."""
+    impl = backend.select("attention_backward", q, unsupported=kernel_limits(q.shape[-1]))
     if impl != "reference":
-        return impl(do, q, k, v, o, lse, q_norm_weight, k_norm_weight, sin, cos, num_prefix_tokens, seq_lens, scale, norm_eps)
+        return impl(do, q, k, v, o, lse, q_norm_weight, k_norm_weight, sin, cos, num_prefix_tokens, seq_lens, scale,
+                    norm_eps, deterministic)
     return _attention_bwd_ref(
         do, q, k, v, q_norm_weight, k_norm_weight, sin, cos, num_prefix_tokens, seq_lens, scale, norm_eps, o, lse
     )
 
 
 @_attention_backward.register_fake
-def _(do, q, k, v, o, lse, q_norm_weight, k_norm_weight, sin, cos, num_prefix_tokens, seq_lens, scale, norm_eps):
+def _(do, q, k, v, o, lse, q_norm_weight, k_norm_weight, sin, cos, num_prefix_tokens, seq_lens, scale, norm_eps,
+      deterministic=False):
     if q_norm_weight is None:
         return torch.empty_like(q), torch.empty_like(k), torch.empty_like(v), q.new_empty(0), q.new_empty(0)
     return (torch.empty_like(q), torch.empty_like(k), torch.empty_like(v),
@@ -162,8 +175,8 @@ def _(do, q, k, v, o, lse, q_norm_weight, k_norm_weight, sin, cos, num_prefix_to
 
 def _setup(ctx, inputs, output):
     ctx.set_materialize_grads(False)  # unused outputs (rstd, lse) get no zero-filled gradient kernel
-    q, k, v, qw, kw, sin, cos, p, seq_lens, scale, eps = inputs
-    ctx.p, ctx.scale, ctx.eps = p, scale, eps
+    q, k, v, qw, kw, sin, cos, p, seq_lens, scale, eps, deterministic = inputs
+    ctx.p, ctx.scale, ctx.eps, ctx.deterministic = p, scale, eps, deterministic
     ctx.has_norm = qw is not None
     ctx.save_for_backward(q, k, v, qw, kw, sin, cos, seq_lens, output[0], output[1])
 
@@ -172,14 +185,14 @@ def _autograd(ctx, do, _dlse):
     q, k, v, qw, kw, sin, cos, seq_lens, o, lse = ctx.saved_tensors
     do = torch.zeros_like(o) if do is None else do
     dq, dk, dv, dqw, dkw = torch.ops.sapiens2.attention_backward(
-        do.contiguous(), q, k, v, o, lse, qw, kw, sin, cos, ctx.p, seq_lens, ctx.scale, ctx.eps
+        do.contiguous(), q, k, v, o, lse, qw, kw, sin, cos, ctx.p, seq_lens, ctx.scale, ctx.eps, ctx.deterministic
     )
     if not ctx.has_norm:
         dqw = dkw = None
-    return dq, dk, dv, dqw, dkw, None, None, None, None, None, None
+    return dq, dk, dv, dqw, dkw, None, None, None, None, None, None, None
 
 
-torch.library.register_autograd("sapiens2::attention", _autograd, setup_context=_setup)
+backend.register_autograd("sapiens2::attention", _autograd, setup_context=_setup)
 
 
 def attention_flops(B: int, N: int, H: int, D: int, S: Optional[int] = None) -> int:
@@ -194,11 +207,18 @@ def _attention_flop(q, k, v, *args, out_val=None, **kwargs) -> int:
     return attention_flops(B, N, H, D)
 
 
+def attention_backward_flops(B: int, N: int, H: int, D: int, deterministic: bool = False) -> int:
+    """The N x N x D GEMMs the backward executes: S and dP recomputed, dV, dK and dQ (5, as
+    FlashAttention-2/3 and torch's SDPA formula count); the deterministic path recomputes S and dP
+    once more for dQ (7)."""
+    return attention_flops(B, N, H, D) // 2 * (7 if deterministic else 5)
+
+
 @register_flop_formula(torch.ops.sapiens2.attention_backward, get_raw=True)
-def _attention_bwd_flop(do, q, k, v, *args, out_val=None, **kwargs) -> int:
-    # As torch counts SDPA backward: recomputed QK^T plus the four gradient matmuls.
+def _attention_bwd_flop(do, q, k, v, o, lse, qw, kw, sin, cos, p, seq_lens, scale, eps, deterministic=False,
+                        *args, out_val=None, **kwargs) -> int:
     B, N, H, D = q.shape
-    return attention_flops(B, N, H, D) // 2 * 5
+    return attention_backward_flops(B, N, H, D, bool(deterministic))
 
 
 def attention(
@@ -213,8 +233,15 @@ def attention(
     num_prefix_tokens: int = 0,
     seq_lens: Optional[Tensor] = None,
     scale: Optional[float] = None,
+    deterministic: Optional[bool] = None,
+    check_values: bool = True,
 ) -> Tensor:
-    """``softmax(q k^T * scale) v`` per head with GQA, optional norm + RoPE prologue; see module doc."""
+    """``softmax(q k^T * scale) v`` per head with GQA, optional norm + RoPE prologue; see module doc.
+
+    ``deterministic``: a backward without atomics (bitwise reproducible, 7 instead of 5 N x N x D
+    GEMMs); ``None`` follows ``sapiens2.ops.set_deterministic`` / ``torch.use_deterministic_algorithms``.
+    ``check_values``: check the values of ``seq_lens`` (one device sync; skipped while compiling);
+    callers that validated them already (the model, once per forward) pass ``False``."""
     B, N, H, Hkv, D = check_heads(q, k, v)
     if (q_norm_weight is None) != (k_norm_weight is None):
         raise ValueError("q_norm_weight and k_norm_weight must be given together")
@@ -227,14 +254,10 @@ def attention(
     sin, cos = (None, None) if rope is None else rope
     check_rope(sin, cos, B, N, D, num_prefix_tokens, q)
     if seq_lens is not None:
-        if not isinstance(seq_lens, Tensor) or seq_lens.dtype not in (torch.int32, torch.int64):
-            raise TypeError(f"seq_lens must be an int32/int64 tensor of shape (B,), got {seq_lens!r:.80}")
-        check_shape("seq_lens", seq_lens, (B,))
-        check_same_device(q=q, seq_lens=seq_lens)
-        if seq_lens.device.type != "meta" and bool(((seq_lens < 1) | (seq_lens > N)).any()):
-            raise ValueError(f"seq_lens must be in [1, N={N}], got {seq_lens.tolist()}")
+        check_seq_lens(seq_lens, B, N, q, check_values)
     scale = 1.0 / math.sqrt(D) if scale is None else float(scale)
     o, _ = torch.ops.sapiens2.attention(
-        q, k, v, q_norm_weight, k_norm_weight, sin, cos, int(num_prefix_tokens), seq_lens, scale, float(norm_eps)
+        q, k, v, q_norm_weight, k_norm_weight, sin, cos, int(num_prefix_tokens), seq_lens, scale, float(norm_eps),
+        determinism.resolve(deterministic),
     )
     return o

@@ -6,7 +6,9 @@ extension ``sapiens2._C``). The choice is made per call, inside the custom op, f
 
 * ``use_backend(name, strict=False)`` — a context manager forcing ``"reference"``, ``"triton"``,
   ``"cuda"`` or ``"auto"``. An op missing in the forced backend falls back to the reference with a
-  one-time warning, or raises ``NotImplementedError`` when ``strict=True``.
+  one-time warning, or raises ``NotImplementedError`` when ``strict=True``. The setting is process
+  wide, like ``torch.backends`` flags (autograd runs CUDA backwards on its own threads, which must
+  see it), and each op's backward runs under the setting in force at its forward.
 * ``"auto"`` (the default) — cuda (extension built, GPU tensors) > triton (GPU tensors) >
   reference. It never picks the Triton interpreter: only an explicit ``use_backend("triton")``
   runs Triton kernels on CPU tensors, and only with ``TRITON_INTERPRET=1`` set. Nor does it pick
@@ -20,7 +22,6 @@ backward may run on another backend than its forward.
 from __future__ import annotations
 
 import contextlib
-import contextvars
 import functools
 import importlib
 import os
@@ -31,9 +32,9 @@ import torch
 
 BACKENDS = ("auto", "reference", "triton", "cuda")
 
-_current: contextvars.ContextVar[tuple[str, bool]] = contextvars.ContextVar(
-    "sapiens2_backend", default=("auto", False)
-)
+# (name, strict): a plain module global, not a context variable: autograd's device threads and
+# torch.compile (which guards on it) read it
+_state: tuple[str, bool] = ("auto", False)
 
 # op name -> callable, filled by the op modules with lazy loaders so that importing sapiens2
 # never imports triton or the extension.
@@ -44,18 +45,44 @@ _warned: set[tuple[str, str]] = set()
 @contextlib.contextmanager
 def use_backend(name: str, strict: bool = False) -> Iterator[None]:
     """Force the backend of every ``sapiens2`` op called inside the block."""
+    global _state
     if name not in BACKENDS:
         raise ValueError(f"unknown backend {name!r}; expected one of {BACKENDS}")
-    token = _current.set((name, bool(strict)))
+    old, _state = _state, (name, bool(strict))
     try:
         yield
     finally:
-        _current.reset(token)
+        _state = old
 
 
 def current_backend() -> tuple[str, bool]:
     """The (name, strict) pair in force."""
-    return _current.get()
+    return _state
+
+
+def remember(ctx) -> None:
+    """In an ``autograd.Function.forward``: note the backend setting for its backward."""
+    ctx.sapiens2_backend = _state
+
+
+def as_in_forward(ctx):
+    """In an ``autograd.Function.backward``: the backend setting that its forward ran under."""
+    return use_backend(*getattr(ctx, "sapiens2_backend", _state))
+
+
+def register_autograd(op: str, backward: Callable, setup_context: Callable) -> None:
+    """``torch.library.register_autograd`` whose backward runs under the backend setting in force when
+    the forward ran (``use_backend`` blocks often end before ``.backward()`` is called)."""
+
+    def setup(ctx, inputs, output):
+        remember(ctx)
+        return setup_context(ctx, inputs, output)
+
+    def bwd(ctx, *grads):
+        with as_in_forward(ctx):
+            return backward(ctx, *grads)
+
+    torch.library.register_autograd(op, bwd, setup_context=setup)
 
 
 def register_impl(op: str, backend: str, module: str, attr: str) -> None:
@@ -113,19 +140,31 @@ def _runnable(backend: str, on_gpu: bool) -> tuple[bool, str]:
     return True, ""
 
 
-def select(op: str, *tensors: torch.Tensor | None) -> str | Callable:
-    """Return ``"reference"`` or the implementation callable for ``op`` on these tensors."""
-    name, strict = _current.get()
+def select(op: str, *tensors: torch.Tensor | None, unsupported: str | None = None) -> str | Callable:
+    """Return ``"reference"`` or the implementation callable for ``op`` on these tensors.
+
+    ``unsupported``: the op's reason why no kernel can take these inputs (e.g. a head dim below the
+    kernels' tiles); ``auto`` then picks the reference, a forced backend falls back with a warning,
+    and ``strict=True`` raises ``ValueError`` with that reason."""
+    name, strict = _state
     on_gpu = any(t is not None and t.is_cuda for t in tensors)
+    if unsupported is None and any(t is not None and t.dtype == torch.float64 for t in tensors):
+        unsupported = "float64 inputs (the kernels compute in fp32/fp16/bf16)"
     if name == "reference":
         return "reference"
     if name == "auto":
+        if unsupported is not None:
+            return "reference"
         for backend in ("cuda", "triton"):
             if op in _IMPLS[backend] and on_gpu and _runnable(backend, on_gpu)[0]:
                 return _IMPLS[backend][op]()
         return "reference"
     if op not in _IMPLS[name]:
         reason = f"op {op!r} has no {name} implementation"
+    elif unsupported is not None:
+        if strict:
+            raise ValueError(f"use_backend({name!r}, strict=True): {op}: {unsupported}")
+        reason = f"{op}: {unsupported}"
     else:
         ok, reason = _runnable(name, on_gpu)
         if ok:

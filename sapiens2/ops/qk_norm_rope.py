@@ -147,7 +147,7 @@ def _autograd(ctx, dq, dk, _dqr, _dkr):
     return dq_in, dk_in, dqw, dkw, None, None, None, None
 
 
-torch.library.register_autograd("sapiens2::qk_norm_rope", _autograd, setup_context=_setup)
+backend.register_autograd("sapiens2::qk_norm_rope", _autograd, setup_context=_setup)
 
 
 def check_rope(sin: Optional[Tensor], cos: Optional[Tensor], B: int, N: int, D: int, p: int, ref: Tensor) -> None:
@@ -158,6 +158,8 @@ def check_rope(sin: Optional[Tensor], cos: Optional[Tensor], B: int, N: int, D: 
         raise ValueError(f"num_prefix_tokens must be in [0, N={N}], got {p}")
     if sin is None:
         return
+    if D % 2:
+        raise ValueError(f"rotate-half RoPE needs an even head dim, got {D}")
     check_float("sin", sin)
     check_float("cos", cos)
     for name, t in (("sin", sin), ("cos", cos)):

@@ -100,7 +100,7 @@ def _rms_norm_autograd(ctx, dy, _drstd):
     return dx, dw, None
 
 
-torch.library.register_autograd("sapiens2::rms_norm", _rms_norm_autograd, setup_context=_rms_norm_setup)
+backend.register_autograd("sapiens2::rms_norm", _rms_norm_autograd, setup_context=_rms_norm_setup)
 
 
 @torch.library.custom_op("sapiens2::add_rms_norm", mutates_args=())
@@ -170,7 +170,7 @@ def _add_rms_norm_autograd(ctx, dy, dh, _drstd):
     return dx, dres, dxs, dw, None
 
 
-torch.library.register_autograd(
+backend.register_autograd(
     "sapiens2::add_rms_norm", _add_rms_norm_autograd, setup_context=_add_rms_norm_setup
 )
 

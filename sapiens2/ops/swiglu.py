@@ -68,7 +68,7 @@ def _autograd(ctx, dy):
     return torch.ops.sapiens2.swiglu_backward(dy, x12)
 
 
-torch.library.register_autograd("sapiens2::swiglu", _autograd, setup_context=_setup)
+backend.register_autograd("sapiens2::swiglu", _autograd, setup_context=_setup)
 
 
 def swiglu(x12: Tensor) -> Tensor:
@@ -130,6 +130,7 @@ class _SwiGLUFFN(torch.autograd.Function):
 
     @staticmethod
     def forward(ctx, x: Tensor, x_b, w12: Tensor, b12, w3: Tensor, b3, keep_hidden: bool = False):
+        backend.remember(ctx)
         ctx.keep_hidden = keep_hidden
         ctx.biases = (b12 is not None, b3 is not None)
         ctx.has_b = x_b is not None
@@ -146,6 +147,11 @@ class _SwiGLUFFN(torch.autograd.Function):
 
     @staticmethod
     def backward(ctx, dy: Tensor, dy_b):
+        with backend.as_in_forward(ctx):
+            return _SwiGLUFFN._backward(ctx, dy, dy_b)
+
+    @staticmethod
+    def _backward(ctx, dy: Tensor, dy_b):
         w12, w3, *saved = ctx.saved_tensors
         has_b12, has_b3 = ctx.biases
         need = ctx.needs_input_grad  # (x, x_b, w12, b12, w3, b3, keep_hidden)

@@ -177,7 +177,7 @@ def _wa_autograd(ctx, do, dpo, _dlse):
     return dq, dk, dv, dpq, dpk, dpv, None, None, None, None, None, None
 
 
-torch.library.register_autograd("sapiens2::window_attention", _wa_autograd, setup_context=_wa_setup)
+backend.register_autograd("sapiens2::window_attention", _wa_autograd, setup_context=_wa_setup)
 
 
 # ---------------------------------------------------------------------------------------------- cls_pool
@@ -257,7 +257,7 @@ def _cp_autograd(ctx, do, _dlse):
     return (*grads, None, None, None, None, None)
 
 
-torch.library.register_autograd("sapiens2::cls_pool", _cp_autograd, setup_context=_cp_setup)
+backend.register_autograd("sapiens2::cls_pool", _cp_autograd, setup_context=_cp_setup)
 
 
 # ---------------------------------------------------------------------------------------------- FLOPs

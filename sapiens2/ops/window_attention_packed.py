@@ -135,7 +135,7 @@ def _wa_autograd(ctx, do, dpo, _dlse):
     return dqkv, (dpqkv if ctx.has_prefix else None), None, None, None, None, None, None
 
 
-torch.library.register_autograd("sapiens2::window_attention_qkv", _wa_autograd, setup_context=_wa_setup)
+backend.register_autograd("sapiens2::window_attention_qkv", _wa_autograd, setup_context=_wa_setup)
 
 
 # ---------------------------------------------------------------------------------------------- cls_pool
@@ -192,7 +192,7 @@ def _cp_autograd(ctx, do, _dlse):
     return dcqkv, dkv, None, None, None, None, None
 
 
-torch.library.register_autograd("sapiens2::cls_pool_kv", _cp_autograd, setup_context=_cp_setup)
+backend.register_autograd("sapiens2::cls_pool_kv", _cp_autograd, setup_context=_cp_setup)
 
 
 # ---------------------------------------------------------------------------------------------- FLOPs

@@ -27,12 +27,14 @@ import torch.nn.functional as F
 from torch import Tensor
 
 from ._checks import check_float, check_shape
+from . import backend
 from .window_attention_packed import check_window_attention_qkv
 
 
 class _ProjectedWindowAttention(torch.autograd.Function):
     @staticmethod
     def forward(ctx, x, px, weight, bias, token_mask, num_heads, grid_hw, window, layout, scale):
+        backend.remember(ctx)
         B, L, C = x.shape
         D = weight.shape[0] // (3 * num_heads)
         qkv = F.linear(x, weight, bias).view(B, L, 3, num_heads, D)
@@ -47,6 +49,11 @@ class _ProjectedWindowAttention(torch.autograd.Function):
 
     @staticmethod
     def backward(ctx, do, dpo):
+        with backend.as_in_forward(ctx):
+            return _ProjectedWindowAttention._backward(ctx, do, dpo)
+
+    @staticmethod
+    def _backward(ctx, do, dpo):
         x, px, weight, qkv, pqkv, tm, o, po, lse = ctx.saved_tensors
         need_x, need_px, need_w, need_b = ctx.needs_input_grad[:4]
         do = torch.zeros_like(o) if do is None else do

@@ -45,7 +45,7 @@ def test_sm90a_gate_real_shapes():
     for want in ("rms_norm_fwd_wide[bf16,CHUNK=2048", "rms_norm_bwd_wide[bf16,CHUNK=1024,res=True,scale=True,dh=True]",
                  "rms_norm_bwd[bf16,BLOCK=2048", "qk_norm_rope_bwd[bf16,H=32,Hkv=16,D=76]", "swiglu_bwd[bf16]"):
         assert want in names, want
-    attn = [x for x in rows if x["kernel"].startswith(("attn_fwd", "attn_bwd_dkdv", "attn_bwd_dq"))]
+    attn = [x for x in rows if x["kernel"].startswith(("attn_fwd", "attn_bwd_kv", "attn_bwd_dq_bf16"))]
     assert attn and all(x["wgmma"] for x in attn), "the attention matmuls must use Hopper wgmma"
 
 

@@ -1,0 +1,491 @@
+"""Flash attention backward with GQA, the QK-RMSNorm + RoPE prologue's backward folded in, and
+per-sample valid lengths: 5 N x N x D GEMMs per head by default, 7 on the deterministic path.
+
+Contract: ``sapiens2/ops/attention.py`` (``_attention_bwd_ref``); layout and head-dim tiles as in
+``attention.py`` and ``attention_prologue.py``. With ``P = softmax(S)``, ``S = scale * Qp Kp^T``
+(``Qp, Kp``: q and k after the prologue), per head::
+
+    dV = P^T dO;   dP = dO V^T;   dS = P * (dP - delta),  delta = rowsum(dO * O);
+    dQp = scale * dS Kp;   dKp = scale * dS^T Qp        (dK, dV summed over the G heads of a KV head)
+    dq, dk, dw_q, dw_k  = the prologue's backward of dQp, dKp     (attention_prologue.prologue_bwd_tile)
+
+Default path (``deterministic=False``), 3 launches, FlashAttention-2's schedule:
+
+1. ``_bwd_prep_kernel``, one program per 32 flattened rows: ``delta`` for the q rows and, with
+   a prologue, ``Qp`` and ``Kp`` recomputed into scratch (input dtype); it also clears the fp32 dQ
+   accumulator (the default path) and the launch counter of step 3's reduction.
+2. ``_bwd_kv_kernel``, one program per (key block, b * Hkv + kv head): keeps its K/V block and
+   loops over the G query heads and their query blocks (up to ``seq_lens[b]``) recomputing
+   ``S^T = Kp Qp^T`` and ``dP^T = V dO^T`` and accumulating ``dV += P^T dO`` and ``dK += dS^T Qp``
+   in registers, and adds ``dS Kp`` of each query block into the fp32 dQ accumulator with atomics:
+   5 GEMMs per (query block, key block) pair. Its epilogue applies the prologue's backward to dK
+   in registers (inverse RoPE, RMSNorm backward against the raw k it re-reads) and writes dk and
+   dv once in the input dtype, plus one fp32 partial sum of the k-norm weight gradient.
+3. ``_bwd_dq_finalize_kernel``, persistent over the flattened q rows: reads the fp32 accumulator
+   once, applies the scale and the prologue's backward, writes dq in the input dtype and a partial
+   sum of the q-norm weight gradient; the last program to finish (an atomic counter) sums every
+   partial of both weight gradients in a fixed order and writes them: no reduction launches, and
+   the weight gradients are deterministic.
+
+``deterministic=True``: step 2 writes no dQ (4 GEMMs) and step 3 is ``_bwd_dq_kernel``, one program
+per (query block, b * H + h) looping over the key blocks to recompute ``S`` and ``dP`` and
+accumulate ``dQ = dS Kp`` in registers (3 GEMMs, 7 in all, no atomics: bitwise reproducible), its
+epilogue doing the prologue's backward and the last-program reduction as in step 3.
+
+Query rows past ``seq_lens[b]`` get probability 0 (their log-sum-exp is taken as +inf when it is
+read), so no row masks are needed in the GEMM loops; keys past it are masked at the tail block and
+get zero dk, dv. Numerics as the forward: fp32 accumulation, the tensor-core operands (P, dS) in
+the input dtype, the prologue backward in fp32.
+
+Block sizes (``bwd_config``), fp16/bf16: main kernel 64 queries x 128 keys (D = 76, 128: 64 keys);
+8 warps, 2 stages; deterministic dQ kernel D=64: 128 x 64, 8 warps; D=76/80: 64 x 64, 4 warps; D=128: 8 warps; row
+kernels 32 rows (finalize 16), 4 warps; fp32 (IEEE dots): 32 x 64 / 64 x 32, 4 warps.
+"""
+
+from __future__ import annotations
+
+import torch
+import triton
+import triton.language as tl
+
+from ._common import INTERPRET as _INTERPRET
+from ._common import as_operand, store_val
+from .attention import FLAGS, HEAD_DIMS, add_config, head_dim_constexprs, prec
+from .attention_prologue import (LOG2E, last_program, ld, prologue_bwd_tile, prologue_rows, seq_len, split_head_dim,
+                                 store_cols, store_rows, sum_rows, tables)
+
+
+# ----------------------------------------------------------------------------------------------
+# 1. preprocess
+
+
+@triton.jit
+def _bwd_prep_kernel(O, DO, DELTA, DQ_ACC, Q, QP, QW, K, KP, KW, SIN, COS, SEQ_LENS, COUNTER,
+                     RQ, RK, N, H, HKV, P, SIN_BSTRIDE, eps, NQ,
+                     D: tl.constexpr, D0: tl.constexpr, D1: tl.constexpr, HAS_D1: tl.constexpr,
+                     HAS_NORM: tl.constexpr, HAS_ROPE: tl.constexpr, HAS_LENS: tl.constexpr,
+                     ZERO_DQ: tl.constexpr, BLOCK_R: tl.constexpr, INTERPRET: tl.constexpr):
+    """Programs [0, NQ): 32 flattened q rows each (delta, Qp, the dQ accumulator's zeros); programs
+    [NQ, ...): 32 flattened k rows each (Kp, only launched with a prologue)."""
+    pid = tl.program_id(0)
+    if pid == 0:
+        tl.store(COUNTER, 0)
+    c0 = tl.arange(0, D0)
+    c1 = D0 + tl.arange(0, D1)
+    if pid < NQ:
+        r = pid * BLOCK_R + tl.arange(0, BLOCK_R)
+        rmask = r < RQ
+        h = r % H
+        tok = (r // H) % N
+        b = r // (H * N)
+        row = r.to(tl.int64) * D
+        o0 = ld(O + row[:, None] + c0[None, :], rmask[:, None], 0.0, INTERPRET).to(tl.float32)
+        do0 = ld(DO + row[:, None] + c0[None, :], rmask[:, None], 0.0, INTERPRET).to(tl.float32)
+        delta = tl.sum(o0 * do0, axis=1)
+        if HAS_D1:
+            m1 = rmask[:, None] & (c1[None, :] < D)
+            o1 = ld(O + row[:, None] + c1[None, :], m1, 0.0, INTERPRET).to(tl.float32)
+            do1 = ld(DO + row[:, None] + c1[None, :], m1, 0.0, INTERPRET).to(tl.float32)
+            delta += tl.sum(o1 * do1, axis=1)
+        if HAS_LENS:
+            L = tl.minimum(tl.maximum(tl.load(SEQ_LENS + b, mask=rmask, other=0).to(tl.int32), 0), N)
+            delta = tl.where(tok < L, delta, 0.0)
+        tl.store(DELTA + (b * H + h).to(tl.int64) * N + tok, delta, mask=rmask)
+        if ZERO_DQ:
+            store_rows(DQ_ACC, row, rmask, tl.zeros([BLOCK_R, D0], dtype=tl.float32),
+                       tl.zeros([BLOCK_R, D1], dtype=tl.float32), D, D0, D1, HAS_D1, INTERPRET)
+        if HAS_NORM or HAS_ROPE:
+            srow = b.to(tl.int64) * SIN_BSTRIDE + (tok - P).to(tl.int64) * D
+            prologue_rows(Q, QP, row, tok, rmask, QW, SIN, COS, srow, P, eps, D, D0, D1, HAS_D1, HAS_NORM, HAS_ROPE,
+                          INTERPRET)
+    else:
+        r = (pid - NQ) * BLOCK_R + tl.arange(0, BLOCK_R)
+        rmask = r < RK
+        tok = (r // HKV) % N
+        b = r // (HKV * N)
+        srow = b.to(tl.int64) * SIN_BSTRIDE + (tok - P).to(tl.int64) * D
+        prologue_rows(K, KP, r.to(tl.int64) * D, tok, rmask, KW, SIN, COS, srow, P, eps,
+                      D, D0, D1, HAS_D1, HAS_NORM, HAS_ROPE, INTERPRET)
+
+
+# ----------------------------------------------------------------------------------------------
+# 2. dK, dV (and the dQ atomics)
+
+
+@triton.jit
+def _bwd_kv_kernel(Q, K, V, DO, LSE, DELTA, DK, DV, DQ_ACC, SEQ_LENS, KRAW, KW, SIN, COS, DW_PART,
+                   N, H, G, P, SIN_BSTRIDE, eps, qk_scale, scale,
+                   D: tl.constexpr, D0: tl.constexpr, D1: tl.constexpr, HAS_D1: tl.constexpr,
+                   HAS_LENS: tl.constexpr, ATOMIC_DQ: tl.constexpr, HAS_NORM: tl.constexpr, HAS_ROPE: tl.constexpr,
+                   BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, PREC: tl.constexpr, INTERPRET: tl.constexpr):
+    """dK, dV of one key block of one KV head, summed over the G query heads of its group; with
+    ATOMIC_DQ also every query block's ``dS Kp`` added into DQ_ACC (fp32, unscaled)."""
+    DTYPE: tl.constexpr = Q.dtype.element_ty
+    pid_n = tl.program_id(0)
+    pid_bk = tl.program_id(1)
+    HKV = H // G
+    b = pid_bk // HKV
+    hk = pid_bk % HKV
+    L = seq_len(SEQ_LENS, b, N, HAS_LENS)
+    offs_n = pid_n * BLOCK_N + tl.arange(0, BLOCK_N)
+    nmask = offs_n < L
+    kv_row = ((b * N + offs_n).to(tl.int64) * HKV + hk) * D
+    c0 = tl.arange(0, D0)
+    c1 = D0 + tl.arange(0, D1)
+    m1n = nmask[:, None] & (c1[None, :] < D)
+    k0 = ld(K + kv_row[:, None] + c0[None, :], nmask[:, None], 0.0, INTERPRET)
+    v0 = ld(V + kv_row[:, None] + c0[None, :], nmask[:, None], 0.0, INTERPRET)
+    if HAS_D1:
+        k1 = ld(K + kv_row[:, None] + c1[None, :], m1n, 0.0, INTERPRET)
+        v1 = ld(V + kv_row[:, None] + c1[None, :], m1n, 0.0, INTERPRET)
+    else:
+        k1 = tl.zeros([BLOCK_N, D1], dtype=k0.dtype)
+        v1 = tl.zeros([BLOCK_N, D1], dtype=v0.dtype)
+    dk0 = tl.zeros([BLOCK_N, D0], dtype=tl.float32)
+    dv0 = tl.zeros([BLOCK_N, D0], dtype=tl.float32)
+    dk1 = tl.zeros([BLOCK_N, D1], dtype=tl.float32)
+    dv1 = tl.zeros([BLOCK_N, D1], dtype=tl.float32)
+    # key blocks entirely past seq_len get zero gradients without visiting any query
+    hi = tl.where(pid_n * BLOCK_N < L, L, 0)
+    q_stride = H * D
+    for g in range(G):
+        h = hk * G + g
+        q_base = (b * N * H + h).to(tl.int64) * D
+        st_base = (b * H + h).to(tl.int64) * N
+        for start_m in range(0, hi, BLOCK_M):
+            offs_m = start_m + tl.arange(0, BLOCK_M)
+            mmask = offs_m < N
+            q_row = q_base + offs_m.to(tl.int64) * q_stride
+            q0 = ld(Q + q_row[:, None] + c0[None, :], mmask[:, None], 0.0, INTERPRET)
+            do0 = ld(DO + q_row[:, None] + c0[None, :], mmask[:, None], 0.0, INTERPRET)
+            # rows past seq_len (and past N): lse taken as +inf, so P^T = 0 there without a mask
+            lse = tl.load(LSE + st_base + offs_m, mask=mmask, other=0.0)
+            lse2 = tl.where(offs_m < L, lse * 1.4426950408889634, float("inf"))
+            dl = tl.load(DELTA + st_base + offs_m, mask=mmask, other=0.0)
+            sT = tl.dot(k0, tl.trans(q0), input_precision=PREC)
+            if HAS_D1:
+                m1m = mmask[:, None] & (c1[None, :] < D)
+                q1 = ld(Q + q_row[:, None] + c1[None, :], m1m, 0.0, INTERPRET)
+                do1 = ld(DO + q_row[:, None] + c1[None, :], m1m, 0.0, INTERPRET)
+                sT = tl.dot(k1, tl.trans(q1), sT, input_precision=PREC)
+            pT = tl.math.exp2(sT * qk_scale - lse2[None, :])
+            ppT = as_operand(pT, DTYPE, INTERPRET)
+            dv0 = tl.dot(ppT, do0, dv0, input_precision=PREC)
+            dpT = tl.dot(v0, tl.trans(do0), input_precision=PREC)
+            if HAS_D1:
+                dv1 = tl.dot(ppT, do1, dv1, input_precision=PREC)
+                dpT = tl.dot(v1, tl.trans(do1), dpT, input_precision=PREC)
+            dsT = as_operand(pT * (dpT - dl[None, :]), DTYPE, INTERPRET)
+            dk0 = tl.dot(dsT, q0, dk0, input_precision=PREC)
+            if HAS_D1:
+                dk1 = tl.dot(dsT, q1, dk1, input_precision=PREC)
+            if ATOMIC_DQ:
+                # keys past seq_len were loaded as zero rows of Kp: they add nothing
+                ds = tl.trans(dsT)
+                tl.atomic_add(DQ_ACC + q_row[:, None] + c0[None, :], tl.dot(ds, k0, input_precision=PREC),
+                              mask=mmask[:, None], sem="relaxed")
+                if HAS_D1:
+                    tl.atomic_add(DQ_ACC + q_row[:, None] + c1[None, :], tl.dot(ds, k1, input_precision=PREC),
+                                  mask=m1m, sem="relaxed")
+    # rows of dK/dV are independent: keys past seq_len are zeroed here
+    rm = offs_n < N
+    store_rows(DV, kv_row, rm, tl.where(nmask[:, None], dv0, 0.0), tl.where(nmask[:, None], dv1, 0.0),
+               D, D0, D1, HAS_D1, INTERPRET)
+    dk0 = tl.where(nmask[:, None], dk0 * scale, 0.0)
+    dk1 = tl.where(nmask[:, None], dk1 * scale, 0.0)
+    if HAS_NORM or HAS_ROPE:
+        srow = b.to(tl.int64) * SIN_BSTRIDE + (offs_n - P).to(tl.int64) * D
+        dk0, dk1, dw0, dw1 = prologue_bwd_tile(dk0, dk1, KRAW, kv_row, offs_n, rm, KW, SIN, COS, srow, P, eps,
+                                               D, D0, D1, HAS_D1, HAS_NORM, HAS_ROPE, INTERPRET)
+        if HAS_NORM:
+            store_cols(DW_PART, pid_bk * tl.num_programs(0) + pid_n, dw0, dw1, D, D0, D1, HAS_D1)
+    store_rows(DK, kv_row, rm, dk0, dk1, D, D0, D1, HAS_D1, INTERPRET)
+
+
+# ----------------------------------------------------------------------------------------------
+# 3. dQ: finalize the atomic accumulator (default) or compute it without atomics (deterministic)
+
+
+@triton.jit
+def _finish_weight_grads(DW_PART, COUNTER, DKW, DQW, NK_PARTS, N_PARTS, total,
+                         D: tl.constexpr, D0: tl.constexpr, D1: tl.constexpr, HAS_D1: tl.constexpr,
+                         INTERPRET: tl.constexpr):
+    """In the launch's last program: both norm-weight gradients from their partial sums
+    (rows [0, NK_PARTS) for k, [NK_PARTS, N_PARTS) for q), in their own dtype."""
+    if last_program(COUNTER, total):
+        KT: tl.constexpr = DKW.dtype.element_ty
+        QT: tl.constexpr = DQW.dtype.element_ty
+        a0, a1 = sum_rows(DW_PART, 0, NK_PARTS, D, D0, D1, HAS_D1, 32)
+        store_cols(DKW, 0, store_val(a0, KT, INTERPRET), store_val(a1, KT, INTERPRET), D, D0, D1, HAS_D1)
+        a0, a1 = sum_rows(DW_PART, NK_PARTS, N_PARTS, D, D0, D1, HAS_D1, 32)
+        store_cols(DQW, 0, store_val(a0, QT, INTERPRET), store_val(a1, QT, INTERPRET), D, D0, D1, HAS_D1)
+
+
+@triton.jit
+def _bwd_dq_finalize_kernel(DQ_ACC, DQ, QRAW, QW, SIN, COS, DW_PART, COUNTER, DKW, DQW,
+                            RQ, N, H, P, SIN_BSTRIDE, eps, scale, NK_PARTS,
+                            D: tl.constexpr, D0: tl.constexpr, D1: tl.constexpr, HAS_D1: tl.constexpr,
+                            HAS_NORM: tl.constexpr, HAS_ROPE: tl.constexpr, BLOCK_R: tl.constexpr,
+                            INTERPRET: tl.constexpr):
+    """dq = prologue_bwd(scale * DQ_ACC) over the flattened q rows, persistent (pid, pid + nprog, ...)."""
+    pid = tl.program_id(0)
+    nprog = tl.num_programs(0)
+    c0 = tl.arange(0, D0)
+    c1 = D0 + tl.arange(0, D1)
+    w0 = tl.zeros([D0], dtype=tl.float32)
+    w1 = tl.zeros([D1], dtype=tl.float32)
+    for blk in range(pid, tl.cdiv(RQ, BLOCK_R), nprog):
+        r = blk * BLOCK_R + tl.arange(0, BLOCK_R)
+        rmask = r < RQ
+        row = r.to(tl.int64) * D
+        g0 = tl.load(DQ_ACC + row[:, None] + c0[None, :], mask=rmask[:, None], other=0.0) * scale
+        if HAS_D1:
+            g1 = tl.load(DQ_ACC + row[:, None] + c1[None, :], mask=rmask[:, None] & (c1[None, :] < D), other=0.0) * scale
+        else:
+            g1 = tl.zeros([BLOCK_R, D1], dtype=tl.float32)
+        if HAS_NORM or HAS_ROPE:
+            tok = (r // H) % N
+            b = r // (H * N)
+            srow = b.to(tl.int64) * SIN_BSTRIDE + (tok - P).to(tl.int64) * D
+            g0, g1, dw0, dw1 = prologue_bwd_tile(g0, g1, QRAW, row, tok, rmask, QW, SIN, COS, srow, P, eps,
+                                                 D, D0, D1, HAS_D1, HAS_NORM, HAS_ROPE, INTERPRET)
+            w0 += dw0
+            w1 += dw1
+        store_rows(DQ, row, rmask, g0, g1, D, D0, D1, HAS_D1, INTERPRET)
+    if HAS_NORM:
+        store_cols(DW_PART, NK_PARTS + pid, w0, w1, D, D0, D1, HAS_D1)
+        _finish_weight_grads(DW_PART, COUNTER, DKW, DQW, NK_PARTS, NK_PARTS + nprog, nprog,
+                             D, D0, D1, HAS_D1, INTERPRET)
+
+
+@triton.jit
+def _dq_inner(dq0, dq1, q0, q1, do0, do1, lse2, dl, K, V, kv_base, kv_stride, L, lo, hi, qk_scale,
+              D: tl.constexpr, D0: tl.constexpr, D1: tl.constexpr, HAS_D1: tl.constexpr,
+              BLOCK_N: tl.constexpr, MASK: tl.constexpr, PREC: tl.constexpr,
+              DTYPE: tl.constexpr, INTERPRET: tl.constexpr):
+    c0 = tl.arange(0, D0)
+    c1 = D0 + tl.arange(0, D1)
+    for start_n in range(lo, hi, BLOCK_N):
+        offs_n = start_n + tl.arange(0, BLOCK_N)
+        nmask = offs_n < L
+        row = kv_base + offs_n.to(tl.int64) * kv_stride
+        k0 = ld(K + row[:, None] + c0[None, :], nmask[:, None], 0.0, INTERPRET)
+        v0 = ld(V + row[:, None] + c0[None, :], nmask[:, None], 0.0, INTERPRET)
+        s = tl.dot(q0, tl.trans(k0), input_precision=PREC)
+        dp = tl.dot(do0, tl.trans(v0), input_precision=PREC)
+        if HAS_D1:
+            m1 = nmask[:, None] & (c1[None, :] < D)
+            k1 = ld(K + row[:, None] + c1[None, :], m1, 0.0, INTERPRET)
+            v1 = ld(V + row[:, None] + c1[None, :], m1, 0.0, INTERPRET)
+            s = tl.dot(q1, tl.trans(k1), s, input_precision=PREC)
+            dp = tl.dot(do1, tl.trans(v1), dp, input_precision=PREC)
+        p = tl.math.exp2(s * qk_scale - lse2[:, None])
+        if MASK:
+            p = tl.where(nmask[None, :], p, 0.0)
+        ds = as_operand(p * (dp - dl[:, None]), DTYPE, INTERPRET)
+        dq0 = tl.dot(ds, k0, dq0, input_precision=PREC)
+        if HAS_D1:
+            dq1 = tl.dot(ds, k1, dq1, input_precision=PREC)
+    return dq0, dq1
+
+
+@triton.jit
+def _bwd_dq_kernel(Q, K, V, DO, LSE, DELTA, DQ, SEQ_LENS, QRAW, QW, SIN, COS, DW_PART, COUNTER, DKW, DQW,
+                   N, H, G, P, SIN_BSTRIDE, eps, qk_scale, scale, NK_PARTS,
+                   D: tl.constexpr, D0: tl.constexpr, D1: tl.constexpr, HAS_D1: tl.constexpr,
+                   HAS_LENS: tl.constexpr, HAS_NORM: tl.constexpr, HAS_ROPE: tl.constexpr,
+                   BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, PREC: tl.constexpr, INTERPRET: tl.constexpr):
+    """Deterministic dQ of one query block of one head (recomputing S and dP), with the prologue's
+    backward in its epilogue."""
+    DTYPE: tl.constexpr = Q.dtype.element_ty
+    pid_m = tl.program_id(0)
+    pid_bh = tl.program_id(1)
+    b = pid_bh // H
+    h = pid_bh % H
+    HKV = H // G
+    hk = h // G
+    L = seq_len(SEQ_LENS, b, N, HAS_LENS)
+    offs_m = pid_m * BLOCK_M + tl.arange(0, BLOCK_M)
+    rmask = offs_m < N
+    q_row = ((b * N + offs_m).to(tl.int64) * H + h) * D
+    c0 = tl.arange(0, D0)
+    c1 = D0 + tl.arange(0, D1)
+    m1 = rmask[:, None] & (c1[None, :] < D)
+    q0 = ld(Q + q_row[:, None] + c0[None, :], rmask[:, None], 0.0, INTERPRET)
+    do0 = ld(DO + q_row[:, None] + c0[None, :], rmask[:, None], 0.0, INTERPRET)
+    if HAS_D1:
+        q1 = ld(Q + q_row[:, None] + c1[None, :], m1, 0.0, INTERPRET)
+        do1 = ld(DO + q_row[:, None] + c1[None, :], m1, 0.0, INTERPRET)
+    else:
+        q1 = tl.zeros([BLOCK_M, D1], dtype=q0.dtype)
+        do1 = tl.zeros([BLOCK_M, D1], dtype=do0.dtype)
+    st = (b * H + h).to(tl.int64) * N + offs_m
+    lse = tl.load(LSE + st, mask=rmask, other=0.0)
+    lse2 = tl.where(offs_m < L, lse * 1.4426950408889634, float("inf"))  # P = 0, dQ = 0 past seq_len
+    dl = tl.load(DELTA + st, mask=rmask, other=0.0)
+    dq0 = tl.zeros([BLOCK_M, D0], dtype=tl.float32)
+    dq1 = tl.zeros([BLOCK_M, D1], dtype=tl.float32)
+    kv_base = (b * N * HKV + hk).to(tl.int64) * D
+    kv_stride = HKV * D
+    # query blocks entirely past seq_len: nothing to visit (their gradient is 0)
+    hi = tl.where(pid_m * BLOCK_M < L, L, 0)
+    n_full = (hi // BLOCK_N) * BLOCK_N
+    dq0, dq1 = _dq_inner(dq0, dq1, q0, q1, do0, do1, lse2, dl, K, V, kv_base, kv_stride, L, 0, n_full,
+                         qk_scale, D, D0, D1, HAS_D1, BLOCK_N, False, PREC, DTYPE, INTERPRET)
+    dq0, dq1 = _dq_inner(dq0, dq1, q0, q1, do0, do1, lse2, dl, K, V, kv_base, kv_stride, L, n_full, hi,
+                         qk_scale, D, D0, D1, HAS_D1, BLOCK_N, True, PREC, DTYPE, INTERPRET)
+    dq0 = dq0 * scale
+    dq1 = dq1 * scale
+    if HAS_NORM or HAS_ROPE:
+        srow = b.to(tl.int64) * SIN_BSTRIDE + (offs_m - P).to(tl.int64) * D
+        dq0, dq1, dw0, dw1 = prologue_bwd_tile(dq0, dq1, QRAW, q_row, offs_m, rmask, QW, SIN, COS, srow, P, eps,
+                                               D, D0, D1, HAS_D1, HAS_NORM, HAS_ROPE, INTERPRET)
+        if HAS_NORM:
+            nprog = tl.num_programs(0) * tl.num_programs(1)
+            store_cols(DW_PART, NK_PARTS + pid_bh * tl.num_programs(0) + pid_m, dw0, dw1, D, D0, D1, HAS_D1)
+            _finish_weight_grads(DW_PART, COUNTER, DKW, DQW, NK_PARTS, NK_PARTS + nprog, nprog,
+                                 D, D0, D1, HAS_D1, INTERPRET)
+    store_rows(DQ, q_row, rmask, dq0, dq1, D, D0, D1, HAS_D1, INTERPRET)
+
+
+# ----------------------------------------------------------------------------------------------
+# launch configuration and launcher
+
+
+def bwd_config(D: int, dtype: torch.dtype, norm: bool = True, rope: bool = True) -> dict:
+    """kv: BLOCK_N keys held (K, V, dK, dV), BLOCK_M queries streamed; dq (deterministic): the reverse."""
+    if dtype == torch.float32:
+        return dict(kv=dict(BLOCK_M=32, BLOCK_N=64, num_warps=4, num_stages=1),
+                    dq=dict(BLOCK_M=64, BLOCK_N=32, num_warps=4, num_stages=1))
+    if D <= 64:
+        return dict(kv=dict(BLOCK_M=64, BLOCK_N=128, num_warps=8, num_stages=2),
+                    dq=dict(BLOCK_M=128, BLOCK_N=64, num_warps=8, num_stages=2))
+    # D = 80: 128 keys per program, as FA2 for head dims up to 128: half the dQ atomics and half the
+    # re-reads of Q and dO of 64 keys (on an H200, 64 keys made the atomic backward slower than the
+    # deterministic one). D = 76 (its masked 12-of-16 tail tile), D = 128, the RoPE-only prologue and
+    # fp16 spill registers at 128 keys (the compile gate): 64.
+    keys = 128 if D == 80 and (norm or not rope) and dtype == torch.bfloat16 else 64
+    return dict(kv=dict(BLOCK_M=64, BLOCK_N=keys, num_warps=8, num_stages=2),
+                dq=dict(BLOCK_M=64, BLOCK_N=64, num_warps=4 if D < 128 else 8, num_stages=2))
+
+
+PREP_BLOCK = dict(BLOCK_R=32, num_warps=8, num_stages=1)
+FINALIZE_BLOCK = dict(BLOCK_R=16, num_warps=8, num_stages=1)  # g, x, sin/cos and the permutation live at once
+MAX_FINALIZE_PROGRAMS = 264  # 2 per H100 SM: the last program's reduction reads at most 264 q partials
+
+
+def finalize_programs(rows: int) -> int:
+    return max(1, min(triton.cdiv(rows, FINALIZE_BLOCK["BLOCK_R"]), MAX_FINALIZE_PROGRAMS))
+
+
+def attention_bwd(do, q, k, v, o, lse, q_norm_weight, k_norm_weight, sin, cos, num_prefix_tokens, seq_lens, scale,
+                  norm_eps, deterministic: bool = False):
+    """``(dq, dk, dv, dq_norm_weight, dk_norm_weight)``; the last two ``q.new_empty(0)`` without norms."""
+    B, N, H, D = q.shape
+    Hkv = k.shape[2]
+    G = H // Hkv
+    p = int(num_prefix_tokens)
+    has_norm = q_norm_weight is not None
+    sin, cos, sin_bstride = tables(sin, cos)
+    has_rope = sin is not None
+    prologue = has_norm or has_rope
+    has_lens = seq_lens is not None
+    D0, D1, has_d1 = split_head_dim(D)
+    hd = dict(D=D, D0=D0, D1=D1, HAS_D1=has_d1, INTERPRET=_INTERPRET)
+    dummy = q.new_empty(0)  # never read: stands in for absent optional pointers
+    opt = lambda t: dummy if t is None else t  # noqa: E731
+    lens, qw, kw = opt(seq_lens), opt(q_norm_weight), opt(k_norm_weight)
+    sin_, cos_ = opt(sin), opt(cos)
+    eps, qk_scale, scale = float(norm_eps), float(scale) * LOG2E, float(scale)
+    RQ, RK = B * N * H, B * N * Hkv
+    cfg = bwd_config(D, q.dtype, has_norm, has_rope)
+    kvc, dqc = cfg["kv"], cfg["dq"]
+    kv_grid = (triton.cdiv(N, kvc["BLOCK_N"]), B * Hkv)
+    nq_final = finalize_programs(RQ)
+    n_kparts = kv_grid[0] * kv_grid[1]
+    n_qparts = triton.cdiv(N, dqc["BLOCK_M"]) * B * H if deterministic else nq_final
+
+    # scratch (allocations only: every element is written by a kernel before it is read)
+    delta = torch.empty((B, H, N), device=q.device, dtype=torch.float32)
+    dq_acc = dummy if deterministic else torch.empty(q.shape, device=q.device, dtype=torch.float32)
+    qp = torch.empty_like(q) if prologue else q
+    kp = torch.empty_like(k) if prologue else k
+    counter = torch.empty(1, device=q.device, dtype=torch.int32)
+    parts = torch.empty((n_kparts + n_qparts, D), device=q.device, dtype=torch.float32) if has_norm else dummy
+    dq, dk, dv = torch.empty_like(q), torch.empty_like(k), torch.empty_like(v)
+    dqw = torch.empty_like(q_norm_weight) if has_norm else q.new_empty(0)
+    dkw = torch.empty_like(k_norm_weight) if has_norm else q.new_empty(0)
+
+    # 1. delta, the prologue recomputed, zeros
+    nq = triton.cdiv(RQ, PREP_BLOCK["BLOCK_R"])
+    nk = triton.cdiv(RK, PREP_BLOCK["BLOCK_R"]) if prologue else 0
+    _bwd_prep_kernel[(nq + nk,)](
+        o, do, delta, dq_acc, q, qp, qw, k, kp, kw, sin_, cos_, lens, counter,
+        RQ, RK, N, H, Hkv, p, sin_bstride, eps, nq,
+        **hd, HAS_NORM=has_norm, HAS_ROPE=has_rope, HAS_LENS=has_lens, ZERO_DQ=not deterministic,
+        BLOCK_R=PREP_BLOCK["BLOCK_R"], num_warps=PREP_BLOCK["num_warps"], num_stages=PREP_BLOCK["num_stages"],
+    )
+    # 2. dK, dV (+ dQ atomics), k's prologue backward in the epilogue
+    _bwd_kv_kernel[kv_grid](
+        qp, kp, v, do, lse, delta, dk, dv, dq_acc, lens, k, kw, sin_, cos_, parts,
+        N, H, G, p, sin_bstride, eps, qk_scale, scale,
+        **hd, HAS_LENS=has_lens, ATOMIC_DQ=not deterministic, HAS_NORM=has_norm, HAS_ROPE=has_rope,
+        BLOCK_M=kvc["BLOCK_M"], BLOCK_N=kvc["BLOCK_N"], PREC=prec(q.dtype),
+        num_warps=kvc["num_warps"], num_stages=kvc["num_stages"],
+    )
+    # 3. dQ, q's prologue backward, the weight gradients
+    if deterministic:
+        _bwd_dq_kernel[(triton.cdiv(N, dqc["BLOCK_M"]), B * H)](
+            qp, kp, v, do, lse, delta, dq, lens, q, qw, sin_, cos_, parts, counter, dkw, dqw,
+            N, H, G, p, sin_bstride, eps, qk_scale, scale, n_kparts,
+            **hd, HAS_LENS=has_lens, HAS_NORM=has_norm, HAS_ROPE=has_rope,
+            BLOCK_M=dqc["BLOCK_M"], BLOCK_N=dqc["BLOCK_N"], PREC=prec(q.dtype),
+            num_warps=dqc["num_warps"], num_stages=dqc["num_stages"],
+        )
+    else:
+        _bwd_dq_finalize_kernel[(nq_final,)](
+            dq_acc, dq, q, qw, sin_, cos_, parts, counter, dkw, dqw,
+            RQ, N, H, p, sin_bstride, eps, scale, n_kparts,
+            **hd, HAS_NORM=has_norm, HAS_ROPE=has_rope, BLOCK_R=FINALIZE_BLOCK["BLOCK_R"],
+            num_warps=FINALIZE_BLOCK["num_warps"], num_stages=FINALIZE_BLOCK["num_stages"],
+        )
+    return dq, dk, dv, dqw, dkw
+
+
+# ----------------------------------------------------------------------------------------------
+# shipped configurations
+
+
+def shipped_bwd_configs(out: list) -> None:
+    for dt, tdt in (("bf16", torch.bfloat16), ("fp16", torch.float16)):
+        x, f32, i64 = "*" + dt, "*fp32", "*i64"
+        for D in HEAD_DIMS:
+            hd = head_dim_constexprs(D)
+            for norm, rope in FLAGS:
+                cfg = bwd_config(D, tdt, norm, rope)
+                for pt in ((dt, "fp32") if (norm or rope) else (dt,)):
+                    par = "*" + pt
+                    tag = f"{dt}_d{D}_norm{int(norm)}_rope{int(rope)}_par{pt}"
+                    flags = dict(HAS_NORM=norm, HAS_ROPE=rope)
+                    add_config(out, f"attn_bwd_prep_{tag}", _bwd_prep_kernel,
+                               dict(O=x, DO=x, DELTA=f32, DQ_ACC=f32, Q=x, QP=x, QW=par, K=x, KP=x, KW=par, SIN=par,
+                                    COS=par, SEQ_LENS=i64, COUNTER="*i32"),
+                               dict(hd, **flags, HAS_LENS=True, ZERO_DQ=True, BLOCK_R=PREP_BLOCK["BLOCK_R"]), PREP_BLOCK)
+                    for lens in (False, True):
+                        for atomic in (True, False):
+                            c = cfg["kv"]
+                            add_config(out, f"attn_bwd_kv_{tag}_lens{int(lens)}_atomic{int(atomic)}", _bwd_kv_kernel,
+                                       dict(Q=x, K=x, V=x, DO=x, LSE=f32, DELTA=f32, DK=x, DV=x, DQ_ACC=f32,
+                                            SEQ_LENS=i64, KRAW=x, KW=par, SIN=par, COS=par, DW_PART=f32),
+                                       dict(hd, **flags, HAS_LENS=lens, ATOMIC_DQ=atomic, BLOCK_M=c["BLOCK_M"],
+                                            BLOCK_N=c["BLOCK_N"], PREC="tf32"), c)
+                        c = cfg["dq"]
+                        add_config(out, f"attn_bwd_dq_{tag}_lens{int(lens)}", _bwd_dq_kernel,
+                                   dict(Q=x, K=x, V=x, DO=x, LSE=f32, DELTA=f32, DQ=x, SEQ_LENS=i64, QRAW=x, QW=par,
+                                        SIN=par, COS=par, DW_PART=f32, COUNTER="*i32", DKW=par, DQW=par),
+                                   dict(hd, **flags, HAS_LENS=lens, BLOCK_M=c["BLOCK_M"], BLOCK_N=c["BLOCK_N"],
+                                        PREC="tf32"), c)
+                    add_config(out, f"attn_bwd_dq_finalize_{tag}", _bwd_dq_finalize_kernel,
+                               dict(DQ_ACC=f32, DQ=x, QRAW=x, QW=par, SIN=par, COS=par, DW_PART=f32, COUNTER="*i32",
+                                    DKW=par, DQW=par),
+                               dict(hd, **flags, BLOCK_R=FINALIZE_BLOCK["BLOCK_R"]), FINALIZE_BLOCK)
