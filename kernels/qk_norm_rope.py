@@ -23,6 +23,7 @@ import torch
 import triton
 import triton.language as tl
 
+from .column_sum import column_sum
 from ._common import INTERPRET, SHORT, check_dtype, store_val
 
 
@@ -189,8 +190,8 @@ def qk_norm_rope_bwd(dq, dk, q, k, q_weight, k_weight, sin, cos, q_rstd, k_rstd,
     sms = torch.cuda.get_device_properties(q.device).multi_processor_count if q.is_cuda else 8
     programs = max(1, min(T, 4 * sms))
     per = triton.cdiv(T, programs) if T else 0
-    dqw = torch.zeros(programs, D, device=q.device, dtype=torch.float32)
-    dkw = torch.zeros(programs, D, device=q.device, dtype=torch.float32)
+    part = torch.empty(2, programs, D, device=q.device, dtype=torch.float32)  # every program writes its rows
+    dqw, dkw = part[0], part[1]
     bq, bk, bh = _blocks(q, k)
     sin, cos, sbs = _tables(sin, cos, B, N, num_prefix_tokens, D)
     if T:
@@ -198,7 +199,10 @@ def qk_norm_rope_bwd(dq, dk, q, k, q_weight, k_weight, sin, cos, q_rstd, k_rstd,
                                  sin, cos, dqw, dkw, T, N, HQ, HK, D, D // 2, num_prefix_tokens, sbs, per,
                                  BLOCK_HQ=bq, BLOCK_HK=bk, BLOCK_HALF=bh, INTERPRET=INTERPRET,
                                  num_warps=bwd_num_warps(bq, bk, bh))
-    return dqi, dki, dqw.sum(0).to(q_weight.dtype), dkw.sum(0).to(k_weight.dtype)
+    else:
+        part.zero_()
+    dqw, dkw = column_sum(part, q_weight.dtype, k_weight.dtype)  # one launch finishes both weight gradients
+    return dqi, dki, dqw, dkw
 
 
 def shipped_configs(dtypes=(torch.bfloat16, torch.float16)):

@@ -27,9 +27,9 @@ def _tag(c: dict, module: str, real: bool) -> dict:
 
 
 def _build() -> list[dict]:
-    from . import attention, qk_norm_rope, rms_norm, swiglu, window_attention
+    from . import attention, column_sum, qk_norm_rope, rms_norm, swiglu, window_attention
 
-    out = []
+    out = [_tag(c, "column_sum", "bf16" in c["name"]) for c in column_sum.shipped_configs()]
     for dt in _OWN_DTYPES:
         bf16 = dt == torch.bfloat16
         out += [_tag(c, "rms_norm", bf16) for c in rms_norm.shipped_configs((dt,))]

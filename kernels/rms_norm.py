@@ -33,6 +33,7 @@ import torch
 import triton
 import triton.language as tl
 
+from .column_sum import column_sum
 from ._common import INTERPRET, SHORT, check_dtype, num_warps_for, reduction_programs, round_to, row_block, store_val
 
 ONE_BLOCK_MAX = 4096  # widest row the forward keeps in registers as one block
@@ -159,10 +160,15 @@ def _bwd_wide_kernel(DY, DH, X, H, S, W, RSTD, DX, DRES, DW_PART, DS_PART, M, C,
                      HAS_RES: tl.constexpr, HAS_DH: tl.constexpr, HAS_SCALE: tl.constexpr,
                      CHUNK: tl.constexpr, INTERPRET: tl.constexpr):
     """Two passes over each row in CHUNK tiles: mean(g * xhat), then the gradients; the program's
-    partial dw / ds rows (its own slot, zero-initialised) are updated in place."""
+    partial dw / ds rows (its own slot, zeroed first) are updated in place."""
     pid = tl.program_id(0)
     first = pid.to(tl.int64) * rows_per_program
     part = pid.to(tl.int64) * C
+    for start in range(0, C, CHUNK):  # this program's partial rows start at zero (no zero-fill launch)
+        cols = start + tl.arange(0, CHUNK)
+        tl.store(DW_PART + part + cols, tl.zeros([CHUNK], dtype=tl.float32), mask=cols < C)
+        if HAS_SCALE:
+            tl.store(DS_PART + part + cols, tl.zeros([CHUNK], dtype=tl.float32), mask=cols < C)
     for i in range(0, rows_per_program):
         row = first + i
         if row < M:
@@ -246,8 +252,10 @@ def _bwd(dy, dh, x, h, x_scale, weight, rstd, has_res: bool):
     assert rstd.numel() == M and rstd.dtype == torch.float32
     P = reduction_programs(M, h.device) if M else 1
     rows = triton.cdiv(M, P) if M else 0
-    dw_part = torch.zeros(P, C, device=h.device, dtype=torch.float32)
-    ds_part = torch.zeros(P, C, device=h.device, dtype=torch.float32) if x_scale is not None else dw_part
+    # every program writes its own fp32 partial rows (no zero-fill); one column_sum launch finishes dw
+    # (and dx_scale, the second slab) in the parameters' dtype
+    part = torch.empty(2 if x_scale is not None else 1, P, C, device=h.device, dtype=torch.float32)
+    dw_part, ds_part = part[0], part[-1]
     dres = torch.empty_like(h) if has_res else None
     dx = dres if has_res and x_scale is None else torch.empty_like(x)  # unscaled: dx is dresidual
     dres = dx if dres is None else dres
@@ -259,9 +267,10 @@ def _bwd(dy, dh, x, h, x_scale, weight, rstd, has_res: bool):
                      weight, rstd, dx, dres, dw_part, ds_part, M, C, rows,
                      HAS_RES=has_res, HAS_DH=dh is not None, HAS_SCALE=x_scale is not None,
                      INTERPRET=INTERPRET, num_warps=nw, **kw)
-    dw = dw_part.sum(0).to(weight.dtype)
-    ds = ds_part.sum(0).to(x_scale.dtype) if x_scale is not None else None
-    return dx, dres, dw, ds
+    if not (M and C):
+        part.zero_()
+    sums = column_sum(part, weight.dtype, *((x_scale.dtype,) if x_scale is not None else ()))
+    return dx, dres, sums[0], (sums[1] if x_scale is not None else None)
 
 
 def rms_norm_bwd(dy: torch.Tensor, x: torch.Tensor, weight: torch.Tensor,

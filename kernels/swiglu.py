@@ -15,6 +15,7 @@ import torch
 import triton
 import triton.language as tl
 
+from .column_sum import column_sum
 from ._common import INTERPRET, SHORT, check_dtype, round_to, store_val
 
 BLOCK_F = 1024
@@ -120,12 +121,15 @@ def _recompute_pass(ds: torch.Tensor, x12: torch.Tensor, bias_grad: bool, write_
     sms = torch.cuda.get_device_properties(x12.device).multi_processor_count if x12.is_cuda else 8
     cols = triton.cdiv(F, BLOCK_F) if F else 1
     P = max(1, min(M, triton.cdiv(4 * sms, cols))) if bias_grad else M  # row blocks
-    part = torch.zeros(P if bias_grad else 1, F2, device=x12.device, dtype=torch.float32)
+    # each program writes its fp32 partial row of the bias gradient; one column_sum launch finishes it
+    part = torch.empty(P if bias_grad else 1, F2, device=x12.device, dtype=torch.float32)
     if M and F:
         _recompute_bwd_kernel[(P, cols)](ds, x12, s if write_s else dx12, dx12, part, M, F, triton.cdiv(M, P),
                                          BIAS=bias_grad, BLOCK=BLOCK_F, INTERPRET=INTERPRET, WRITE_S=write_s,
                                          num_warps=NUM_WARPS)
-    db = part.sum(0).to(x12.dtype) if bias_grad else x12.new_empty(0)
+    elif bias_grad:
+        part.zero_()
+    db = column_sum(part[None], x12.dtype)[0] if bias_grad else x12.new_empty(0)
     return s, dx12, db
 
 

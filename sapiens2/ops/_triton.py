@@ -86,6 +86,10 @@ def qk_norm_rope_backward(dq, dk, q, k, q_weight, k_weight, sin, cos, q_rstd, k_
                                 q_rstd.contiguous(), k_rstd.contiguous(), p)
 
 
+def partial_sums(part, dtype):
+    return _kernels("column_sum").column_sum(part.contiguous()[None], dtype)[0]
+
+
 def _c(t):
     return None if t is None else t.contiguous()
 

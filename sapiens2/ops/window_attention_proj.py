@@ -27,7 +27,7 @@ import torch.nn.functional as F
 from torch import Tensor
 
 from ._checks import check_float, check_shape
-from . import backend
+from . import backend, partial_sums  # noqa: F401  (registers sapiens2::partial_sums)
 from .window_attention_packed import check_window_attention_qkv
 
 
@@ -71,7 +71,7 @@ class _ProjectedWindowAttention(torch.autograd.Function):
             dw = g.t() @ x.reshape(-1, C)
             if has_prefix:
                 dw = torch.addmm(dw, pg.t(), px.reshape(-1, C))
-        db = parts.sum(0).reshape(C3).to(weight.dtype) if bias_grad else None
+        db = torch.ops.sapiens2.partial_sums(parts.reshape(-1, C3), weight.dtype) if bias_grad else None
         return dx, dpx, dw, db, None, None, None, None, None, None
 
 

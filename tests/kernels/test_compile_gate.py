@@ -39,7 +39,8 @@ def test_sm90a_gate_real_shapes():
     r, rows = _gate()
     assert len(rows) > 150
     _check_rows(r, rows)
-    assert {x["module"] for x in rows} == {"rms_norm", "swiglu", "qk_norm_rope", "attention", "window_attention"}
+    assert {x["module"] for x in rows} == {"rms_norm", "swiglu", "qk_norm_rope", "attention", "window_attention",
+                                          "column_sum"}
     assert {x["dtype"] for x in rows} == {"bf16"}
     names = " ".join(x["kernel"] for x in rows)
     for want in ("rms_norm_fwd_wide[bf16,CHUNK=2048", "rms_norm_bwd_wide[bf16,CHUNK=1024,res=True,scale=True,dh=True]",
