@@ -51,12 +51,15 @@ class _TritonTap:
         tap = self
 
         def call(grid_self, *args, **kwargs):
-            ranges = []
+            ranges = {}  # one entry per storage, however many arguments view it
             for a in list(args) + list(kwargs.values()):
                 if isinstance(a, torch.Tensor):
                     s = a.untyped_storage()
-                    ranges.append((s.data_ptr(), s.data_ptr() + s.nbytes(), storage_key(a), a.element_size()))
-            outer, tap.current = tap.current, {"name": f"triton:{grid_self.fn.__name__}", "ranges": ranges,
+                    ranges[storage_key(a)] = (s.data_ptr(), s.data_ptr() + s.nbytes(), storage_key(a), a.element_size())
+            ranges = list(ranges.values())
+            fn = grid_self.fn
+            name = f"triton:{fn.__module__.rsplit('.', 1)[-1]}.{fn.__name__}"
+            outer, tap.current = tap.current, {"name": name, "ranges": ranges,
                                                 "r": [], "w": [], "flops": 0}
             try:
                 # the interpreter's own tensor handling (argument copies) is not the kernel's work
@@ -117,19 +120,19 @@ class _TritonTap:
 
     @staticmethod
     def _finish(cur) -> Recorded:
+        """Distinct bytes per storage, listed in the kernel's argument order."""
         r = Recorded(cur["name"], flops=int(cur["flops"]))
         for kind, out in (("r", r.reads), ("w", r.writes)):
             if not cur[kind]:
                 continue
-            by_size: dict[int, list] = {}
+            by_size: dict[int, np.ndarray] = {}
             for addrs, es in cur[kind]:
                 by_size.setdefault(es, []).append(addrs)
-            for es, parts in by_size.items():
-                addrs = np.unique(np.concatenate(parts))
-                for lo, hi, key, _ in cur["ranges"]:
-                    inside = int(np.count_nonzero((addrs >= lo) & (addrs < hi)))
-                    if inside:
-                        out[key] = out.get(key, 0) + inside * es
+            by_size = {es: np.unique(np.concatenate(parts)) for es, parts in by_size.items()}
+            for lo, hi, key, _ in cur["ranges"]:
+                n = sum(int(np.count_nonzero((a >= lo) & (a < hi))) * es for es, a in by_size.items())
+                if n:
+                    out[key] = n
         return r
 
 
@@ -146,17 +149,24 @@ class LaunchRecorder(TorchDispatchMode):
         self.launches.append(r)
 
     def __enter__(self):
-        self._tap.install()
+        self._depth = getattr(self, "_depth", 0) + 1
+        if self._depth == 1:  # re-entered to look inside our ops: the hooks are in place already
+            self._tap.install()
         return super().__enter__()
 
     def __exit__(self, *exc):
         try:
             return super().__exit__(*exc)
         finally:
-            self._tap.uninstall()
+            self._depth -= 1
+            if self._depth == 0:
+                self._tap.uninstall()
 
     def __torch_dispatch__(self, func, types, args=(), kwargs=None):
         kwargs = kwargs or {}
+        if func.namespace == "sapiens2":  # look inside our ops: run their implementation under this mode
+            with self:
+                return func._op_dk(torch._C.DispatchKey.CompositeExplicitAutograd, *args, **kwargs)
         if func in _GPU_COMPOSITE:
             with self:
                 return func._op_dk(_GPU_COMPOSITE[func], *args, **kwargs)

@@ -91,5 +91,6 @@ def planned_ops(backend: str) -> list[str]:
 
 
 def _load() -> None:
-    # the plan modules register themselves on import
-    from . import plans_official, plans_triton  # noqa: F401
+    # the plan modules register themselves on import (the baselines' live with the cost model)
+    from ..bench import plans_official  # noqa: F401
+    from . import launch_plans  # noqa: F401
