@@ -98,13 +98,20 @@ class OpCost:
         return max(self.flops / H100_SXM.bf16_flops, self.bytes / H100_SXM.hbm_bytes_per_s)
 
 
-class CostCounter(TorchDispatchMode):
-    """Records one ``OpCost`` per kernel-launching dispatched op."""
+# whose launch plans cost each custom-op namespace: ours on the Triton backend, the official side's
+# stand-ins as PyTorch runs them
+PLAN_BACKENDS = {"sapiens2": "triton", "sapiens2_cost": "torch"}
 
-    def __init__(self):
+
+class CostCounter(TorchDispatchMode):
+    """Records one ``OpCost`` per kernel launched: an ATen op is one kernel; a custom op with a launch
+    plan (``sapiens2.ops.plan``) is each kernel of its plan."""
+
+    def __init__(self, backends: dict | None = None):
         super().__init__()
         self.ops: list[OpCost] = []
         self.phase = "fwd"
+        self.backends = dict(PLAN_BACKENDS, **(backends or {}))
 
     def __torch_dispatch__(self, func, types, args=(), kwargs=None):
         kwargs = kwargs or {}
@@ -112,9 +119,25 @@ class CostCounter(TorchDispatchMode):
             with self:
                 return func._op_dk(_GPU_COMPOSITE[func], *args, **kwargs)
         out = func(*args, **kwargs)
-        if func not in _NO_KERNEL and not func.is_view:
+        plan = self._plan(func)
+        if plan is not None:
+            for ln in plan(*args, **kwargs).launches:
+                self.ops.append(OpCost(ln.kernel, self.phase, ln.bytes_read, ln.bytes_written, ln.flops, ln.matmul))
+        elif func not in _NO_KERNEL and not func.is_view:
             self.ops.append(self._cost(func, args, kwargs, out))
         return out
+
+    def _plan(self, func):
+        from ..ops.plan import plan_for
+
+        backend = self.backends.get(func.namespace)
+        if backend is None:
+            return None
+        plan = plan_for(f"{func.namespace}::{func._schema.name.split('::', 1)[1]}", backend)
+        if plan is None:
+            raise NotImplementedError(f"{func} has no launch plan on the {backend} backend: the cost model would "
+                                      "count it as one kernel, which is not what runs")
+        return plan
 
     def _cost(self, func, args, kwargs, out) -> OpCost:
         ins = [t for t in tree_flatten((args, kwargs))[0] if isinstance(t, torch.Tensor)]
@@ -244,10 +267,10 @@ def cost_block(arch, img=(1024, 768), batch: int = 1, gqa: bool = False, side: s
                train: bool = True) -> CostReport:
     """One trunk block (full attention, or GQA) of ``arch`` at ``img``, in bf16 on the meta device.
 
-    ``side="ours"``: ``Block`` in steady state, ``(h, pending) -> (h', pending')`` with fp32 RoPE
-    tables (our kernels rotate in fp32); the backward gets gradients for both outputs.
-    ``side="official"``: ``OfficialStyleBlock(gpu_like=True)`` built from it, ``x -> x'`` with bf16
-    RoPE tables (the official default, so q and k need no cast). ``N = 1 + 8 + (H/16)(W/16)``."""
+    ``side="ours"``: ``Block`` in steady state, ``(h, pending) -> (h', pending')``; the backward gets
+    gradients for both outputs. ``side="official"``: ``OfficialStyleBlock(gpu_like=True)`` built from
+    it, ``x -> x'``. Both with bf16 RoPE tables (both models' default; our kernels read them as they
+    are and rotate in fp32). ``N = 1 + 8 + (H/16)(W/16)``."""
     from ..models.config import get_arch
     from ..models.layers import Block
     from .official_block import OfficialStyleBlock
@@ -267,7 +290,7 @@ def cost_block(arch, img=(1024, 768), batch: int = 1, gqa: bool = False, side: s
     label = f"{side} {'GQA' if gqa else 'MHA'}"
     if side == "ours":
         h, pending = act(), act()
-        sin, cos = torch.empty(2, N - P, D, device=meta)
+        sin, cos = torch.empty(2, N - P, D, device=meta, dtype=bf16)
         return measure(label, lambda: block(h, pending, (sin, cos), P), block.parameters(), unit, (h, pending), train)
     official = OfficialStyleBlock.from_ours(block, gpu_like=True)
     x = act()

@@ -1,12 +1,14 @@
-"""A transformer block written the way the official Sapiens2 code writes it (plain PyTorch ops), for
-costing side by side with ours: ``nn.RMSNorm``, separate q/k/v projections viewed and permuted to
-``(B, heads, N, D)``, per-head RMSNorm, ``repeat_interleave`` of K/V for GQA, rotate-half RoPE with
-``torch.cat`` of the prefix tokens, ``scaled_dot_product_attention``, permute + reshape back, output
-projection, LayerScale, residual adds, SwiGLU FFN (``w12`` -> chunk -> ``silu(a) * b`` -> ``w3``).
+"""A transformer block written the way the newest official Sapiens2 code writes it (plain PyTorch ops),
+for costing side by side with ours: ``nn.RMSNorm``, separate q/k/v projections viewed and permuted to
+``(B, heads, N, D)``, per-head RMSNorm, rotate-half RoPE with ``torch.cat`` of the prefix tokens,
+``scaled_dot_product_attention`` with native GQA (``enable_gqa=True``; ``native_gqa=False`` gives the
+first release's ``repeat_interleave`` copies), permute + reshape back, output projection,
+LayerScale, residual adds, SwiGLU FFN (``w12`` -> chunk -> ``silu(a) * b`` -> ``w3``), all in bf16.
 
-``gpu_like=True`` costs it the way PyTorch runs it on a GPU: each ``nn.RMSNorm`` is one fused kernel
-per direction and SDPA one flash kernel per direction (single custom ops in the ``sapiens2_cost``
-namespace, with fake implementations and FLOP formulas); on the CPU both would decompose.
+``gpu_like=True`` costs it the way PyTorch runs it on a GPU: ``nn.RMSNorm`` and SDPA's flash kernels
+are single custom ops in the ``sapiens2_cost`` namespace (fake implementations, FLOP formulas) whose
+launch plans (``plans_official.py``) list the kernels PyTorch launches for them; on the CPU both
+would decompose.
 """
 
 from __future__ import annotations
@@ -31,7 +33,8 @@ def fused_rms_norm(x: Tensor, w: Tensor, eps: float) -> tuple[Tensor, Tensor]:
 
 @fused_rms_norm.register_fake
 def _(x, w, eps):
-    return torch.empty_like(x), x.new_empty(x.shape[:-1], dtype=stat_dtype(x))
+    # PyTorch's kernel makes X contiguous first: Y (and rstd) come out contiguous whatever x's strides
+    return x.new_empty(x.shape), x.new_empty(x.shape[:-1], dtype=stat_dtype(x))
 
 
 @torch.library.custom_op("sapiens2_cost::fused_rms_norm_backward", mutates_args=())
@@ -41,7 +44,7 @@ def fused_rms_norm_backward(dy: Tensor, x: Tensor, w: Tensor, rstd: Tensor) -> t
 
 @fused_rms_norm_backward.register_fake
 def _(dy, x, w, rstd):
-    return torch.empty_like(x), torch.empty_like(w)
+    return x.new_empty(x.shape), torch.empty_like(w)
 
 
 def _rms_setup(ctx, inputs, output):
@@ -58,38 +61,51 @@ def _rms_bwd(ctx, dy, _):
 fused_rms_norm.register_autograd(_rms_bwd, setup_context=_rms_setup)
 
 
+def _expand_kv(t: Tensor, H: int) -> Tensor:
+    """(B, Hkv, S, D) -> (B, H, S, D): only for computing the stand-in's value (native GQA costs no copy)."""
+    return t.repeat_interleave(H // t.shape[1], dim=1) if t.shape[1] != H else t
+
+
 @torch.library.custom_op("sapiens2_cost::flash_sdpa", mutates_args=())
-def flash_sdpa(q: Tensor, k: Tensor, v: Tensor) -> tuple[Tensor, Tensor]:
-    return sdpa_fwd(q, k, v, None, q.shape[-1] ** -0.5)
+def flash_sdpa(q: Tensor, k: Tensor, v: Tensor, scale: float) -> tuple[Tensor, Tensor]:
+    """SDPA's flash kernel, native GQA (k, v may have fewer heads than q); ``scale`` from the unpadded D."""
+    H = q.shape[1]
+    return sdpa_fwd(q, _expand_kv(k, H), _expand_kv(v, H), None, scale)
 
 
 @flash_sdpa.register_fake
-def _(q, k, v):
+def _(q, k, v, scale):
     # PyTorch's flash path allocates the output like (the transposed) q, so with the official
     # contiguous (B, H, N, D) q the permute + reshape back to (B, N, C) is a real copy, as on a GPU
     return torch.empty_like(q), q.new_empty(q.shape[:-1], dtype=stat_dtype(q))
 
 
 @torch.library.custom_op("sapiens2_cost::flash_sdpa_backward", mutates_args=())
-def flash_sdpa_backward(do: Tensor, q: Tensor, k: Tensor, v: Tensor, o: Tensor,
-                        lse: Tensor) -> tuple[Tensor, Tensor, Tensor]:
-    dq, dk, dv = sdpa_bwd(do, q, k, v, o, lse, None, q.shape[-1] ** -0.5)
+def flash_sdpa_backward(do: Tensor, q: Tensor, k: Tensor, v: Tensor, o: Tensor, lse: Tensor,
+                        scale: float) -> tuple[Tensor, Tensor, Tensor]:
+    B, H, N, D = q.shape
+    Hkv = k.shape[1]
+    dq, dk, dv = sdpa_bwd(do, q, _expand_kv(k, H), _expand_kv(v, H), o, lse, None, scale)
+    if Hkv != H:  # the expanded gradients summed over each group, as mha_bwd does
+        dk = dk.reshape(B, Hkv, H // Hkv, *dk.shape[2:]).sum(2)
+        dv = dv.reshape(B, Hkv, H // Hkv, *dv.shape[2:]).sum(2)
     return dq.to(q.dtype), dk.to(k.dtype), dv.to(v.dtype)
 
 
 @flash_sdpa_backward.register_fake
-def _(do, q, k, v, o, lse):
+def _(do, q, k, v, o, lse, scale):
     return torch.empty_like(q), torch.empty_like(k), torch.empty_like(v)
 
 
 def _sdpa_setup(ctx, inputs, output):
     ctx.set_materialize_grads(False)  # unused outputs (rstd, lse) get no zero-filled gradient kernel
-    ctx.save_for_backward(*inputs, *output)
+    ctx.scale = inputs[3]
+    ctx.save_for_backward(*inputs[:3], *output)
 
 
 def _sdpa_bwd(ctx, do, _):
     q, k, v, o, lse = ctx.saved_tensors
-    return torch.ops.sapiens2_cost.flash_sdpa_backward(do, q, k, v, o, lse)
+    return (*torch.ops.sapiens2_cost.flash_sdpa_backward(do, q, k, v, o, lse, ctx.scale), None)
 
 
 flash_sdpa.register_autograd(_sdpa_bwd, setup_context=_sdpa_setup)
@@ -131,10 +147,13 @@ _OURS_NAMES = {"ln1.weight": "ln1.weight", "ln2.weight": "ln2.weight", "gamma": 
 
 class OfficialStyleBlock(nn.Module):
     def __init__(self, dim: int, num_heads: int, num_kv_heads: int, ffn_hidden: int, gpu_like: bool = True,
-                 tokenizer_layer: bool = False):
+                 tokenizer_layer: bool = False, native_gqa: bool = True):
         super().__init__()
         self.h, self.hkv, self.d = num_heads, num_kv_heads, dim // num_heads
         self.gpu_like = gpu_like
+        # the newest official code hands K/V with fewer heads to SDPA (enable_gqa=True); the first
+        # release copied them with repeat_interleave
+        self.native_gqa = native_gqa
         self.tokenizer_layer = tokenizer_layer  # the tokenizer's layers: no QK-norm, RoPE or LayerScale
         self.ln1, self.ln2 = _Norm(dim, gpu_like), _Norm(dim, gpu_like)
         self.wq = nn.Linear(dim, dim)
@@ -176,15 +195,21 @@ class OfficialStyleBlock(nn.Module):
         v = self.wv(x).view(B, N, self.hkv, self.d).permute(0, 2, 1, 3)
         if not self.tokenizer_layer:
             q, k = self.q_norm(q), self.k_norm(k)
-        if self.hkv != self.h:
+        if self.hkv != self.h and not self.native_gqa:
             k = k.repeat_interleave(self.h // self.hkv, dim=1)
             v = v.repeat_interleave(self.h // self.hkv, dim=1)
         if sin is not None:
             q, k = self._rope(q, sin, cos), self._rope(k, sin, cos)
         if self.gpu_like:
-            o = torch.ops.sapiens2_cost.flash_sdpa(q, k, v)[0]
+            D = q.shape[-1]
+            pad = -D % 8
+            if pad:  # SDPA pads the head dim to a multiple of 8 for the flash kernel, and slices the output
+                q, k, v = (F.pad(t, (0, pad)) for t in (q, k, v))
+            o = torch.ops.sapiens2_cost.flash_sdpa(q, k, v, D ** -0.5)[0]
+            if pad:
+                o = o[..., :D]
         else:
-            o = F.scaled_dot_product_attention(q, k, v)
+            o = F.scaled_dot_product_attention(q, k, v, enable_gqa=self.hkv != self.h)
         o = o.permute(0, 2, 1, 3).reshape(B, N, C)
         return self.proj(o) if self.tokenizer_layer else self.proj(o) * self.gamma
 

@@ -1,2 +1,140 @@
-"""Launch plans of the official Sapiens2 code's GPU kernels (filled in with the official block's
-stand-ins: fused RMSNorm and flash SDPA). See ``sapiens2/ops/plan.py``."""
+"""Launch plans of the kernels PyTorch runs for the official Sapiens2 code on an H100 (bf16), for the
+cost model's official side (``official_block.py``'s one-op stand-ins). Each pass cites the PyTorch
+source it models; the ATen glue around them (views, pads, slices, cats, the output permute copy) is
+not planned here: it is dispatched on the meta device and counted op by op like ours.
+
+``nn.RMSNorm`` (``aten/src/ATen/native/cuda/layer_norm_kernel.cu``, ``_fused_rms_norm_cuda`` and
+``_fused_rms_norm_backward_cuda``):
+  forward: ``X.expect_contiguous()`` (a copy when the input is a permuted view, as the q/k norms'
+  inputs are), then one vectorized kernel writing Y and the fp32 rstd;
+  backward: the same contiguity copies of X and dY, the dX kernel, and the separate gamma-gradient
+  kernel (``GammaBetaBackwardCUDAKernel``) that re-reads dY, X and rstd.
+
+SDPA flash (``aten/src/ATen/native/transformers/cuda/attention.cu`` /
+``attention_backward.cu`` and the vendored FlashAttention-2 ``flash_api.cpp``,
+``flash_fwd_launch_template.h``, ``flash_bwd_launch_template.h``), with native GQA
+(``enable_gqa=True``: K/V with fewer heads, no copies):
+  forward: one ``flash_fwd_kernel`` writing O and the fp32 log-sum-exp; head dims are rounded up to
+  the kernel's template (64; 80 and 76 run the 96-wide kernel after SDPA pads 76 to 80);
+  backward: ``grad_out.contiguous()`` and ``out.contiguous()`` on the (B, N, H, D) views
+  (``_flash_attention_backward``: copies unless the memory is already in that order), then
+  ``flash_bwd_dot_do_o_kernel`` (delta = rowsum(dO * O), also clearing the fp32 dQ accumulator of
+  ``round128(N)`` rows x ``round32(D)`` columns), the main ``flash_bwd_dq_dk_dv_loop_seqk_parallel``
+  kernel (5 GEMMs per tile pair, dQ by atomics into the accumulator), ``flash_bwd_convert_dq_kernel``,
+  and with GQA dK/dV written for every query head into expanded buffers and summed over each group
+  (two ``at::sum_out`` kernels, ``mha_bwd``).
+FLOPs are counted at the kernels' tiles (rows padded to the tile, the head dim to the template).
+"""
+
+from __future__ import annotations
+
+from ..ops.plan import Plan, nbytes, register_plan
+
+TORCH = "torch"
+
+
+def _cdiv(a, b):
+    return -(-int(a) // int(b))
+
+
+def _round(x, m):
+    return _cdiv(x, m) * m
+
+
+def _es(t):
+    return t.element_size()
+
+
+# FlashAttention-2's template head dims and tiles on sm90 (flash_{fwd,bwd}_launch_template.h, the
+# non-dropout, non-causal branches for a GPU that is not sm8x): head dim -> (kBlockM, kBlockN)
+_FWD_TILES = {32: (128, 128), 64: (128, 128), 96: (128, 64), 128: (128, 64), 160: (128, 64), 192: (128, 64),
+              224: (128, 64), 256: (128, 64)}
+_BWD_TILES = {32: (128, 128), 64: (128, 128), 96: (64, 128), 128: (64, 128), 160: (64, 64), 192: (64, 64),
+              224: (64, 64), 256: (64, 64)}
+
+
+def flash_head_dim(D: int) -> int:
+    """The template FlashAttention-2 runs a head dim with (after SDPA pads it to a multiple of 8)."""
+    Dp = _round(D, 8)
+    return next(t for t in sorted(_FWD_TILES) if t >= Dp)
+
+
+@register_plan("sapiens2_cost::fused_rms_norm", TORCH)
+def _rms_norm(x, w, eps):
+    p = Plan()
+    src = "x"
+    if not x.is_contiguous():
+        src = p.alloc("scratch:x_contiguous", nbytes(x))
+        p.add("aten.clone", [("x", nbytes(x))], [(src, nbytes(x))])
+    M = x.numel() // x.shape[-1]
+    p.add("torch:rms_norm_fwd_kernel", [(src, nbytes(x)), ("w", nbytes(w))], [("out0", nbytes(x)), ("out1", 4 * M)])
+    return p
+
+
+@register_plan("sapiens2_cost::fused_rms_norm_backward", TORCH)
+def _rms_norm_bwd(dy, x, w, rstd):
+    p = Plan()
+    srcs = {}
+    for name, t in (("x", x), ("dy", dy)):
+        srcs[name] = name
+        if not t.is_contiguous():
+            srcs[name] = p.alloc(f"scratch:{name}_contiguous", nbytes(t))
+            p.add("aten.clone", [(name, nbytes(t))], [(srcs[name], nbytes(t))])
+    p.add("torch:rms_norm_bwd_input_kernel", [(srcs["dy"], nbytes(dy)), (srcs["x"], nbytes(x)), ("rstd", nbytes(rstd)),
+                                              ("w", nbytes(w))], [("out0", nbytes(x))])
+    p.add("torch:gamma_backward_kernel", [(srcs["dy"], nbytes(dy)), (srcs["x"], nbytes(x)), ("rstd", nbytes(rstd))],
+          [("out1", nbytes(w))])
+    return p
+
+
+@register_plan("sapiens2_cost::flash_sdpa", TORCH)
+def _flash_fwd(q, k, v, scale):
+    B, H, N, D = q.shape
+    S = k.shape[2]
+    Dk = flash_head_dim(D)
+    bm, bn = _FWD_TILES[Dk]
+    p = Plan()
+    flops = B * H * _cdiv(N, bm) * _cdiv(S, bn) * 4 * bm * bn * Dk
+    p.add("flash:flash_fwd_kernel", [("q", nbytes(q)), ("k", nbytes(k)), ("v", nbytes(v))],
+          [("out0", nbytes(q)), ("out1", B * H * N * 4)], flops, matmul=True)
+    return p
+
+
+def _bnhd_contiguous(t) -> bool:
+    """Whether a (B, H, N, D) tensor's memory is in (B, N, H, D) order (its transpose(1, 2) is contiguous)."""
+    return t.transpose(1, 2).is_contiguous()
+
+
+@register_plan("sapiens2_cost::flash_sdpa_backward", TORCH)
+def _flash_bwd(do, q, k, v, o, lse, scale):
+    B, H, N, D = q.shape
+    Hkv, S = k.shape[1], k.shape[2]
+    Dk = flash_head_dim(D)
+    Dr = _round(D, 32) if D <= 128 else _round(D, 64)  # head_size_rounded (mha_bwd)
+    bm, bn = _BWD_TILES[Dk]
+    es = _es(q)
+    p = Plan()
+    src = {}
+    for name, t in (("do", do), ("o", o)):
+        src[name] = name
+        if not _bnhd_contiguous(t):
+            src[name] = p.alloc(f"scratch:{name}_contiguous", nbytes(t))
+            p.add("aten.clone", [(name, nbytes(t))], [(src[name], nbytes(t))])
+    Nr = _round(N, 128)
+    d_sum = p.alloc("scratch:softmax_d", B * H * Nr * 4)
+    acc = p.alloc("scratch:dq_accum", B * Nr * H * Dr * 4)
+    gqa = Hkv != H
+    dk_x = p.alloc("scratch:dk_expanded", B * S * H * D * es) if gqa else "out1"
+    dv_x = p.alloc("scratch:dv_expanded", B * S * H * D * es) if gqa else "out2"
+    p.add("flash:flash_bwd_dot_do_o_kernel", [(src["do"], nbytes(do)), (src["o"], nbytes(o))],
+          [(d_sum, B * H * N * 4), (acc, B * Nr * H * Dr * 4)])
+    flops = B * H * _cdiv(S, bn) * _cdiv(N, bm) * 5 * 2 * bm * bn * Dk
+    p.add("flash:flash_bwd_dq_dk_dv_loop_seqk_parallel_kernel",
+          [("q", nbytes(q)), ("k", nbytes(k)), ("v", nbytes(v)), (src["do"], nbytes(do)), ("lse", nbytes(lse)),
+           (d_sum, B * H * N * 4), (acc, B * N * H * Dr * 4)],
+          [(acc, B * N * H * Dr * 4), (dk_x, B * S * H * D * es), (dv_x, B * S * H * D * es)], flops, matmul=True)
+    p.add("flash:flash_bwd_convert_dq_kernel", [(acc, B * N * H * Dr * 4)], [("out0", nbytes(q))])
+    if gqa:
+        p.add("aten.sum", [(dk_x, B * S * H * D * es)], [("out1", nbytes(k))])
+        p.add("aten.sum", [(dv_x, B * S * H * D * es)], [("out2", nbytes(v))])
+    return p

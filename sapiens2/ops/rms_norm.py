@@ -157,14 +157,17 @@ def _add_rms_norm_setup(ctx, inputs, output):
     x, residual, x_scale, weight, _ = inputs
     _, h, rstd = output
     ctx.has_scale = x_scale is not None
-    ctx.save_for_backward(x, h, x_scale, weight, rstd)
+    # x is read by the backward only for the x_scale gradient: without a scale it is not kept (h stands in
+    # for it in the backward call, which reads neither)
+    ctx.save_for_backward(x if ctx.has_scale else None, h, x_scale, weight, rstd)
 
 
 def _add_rms_norm_autograd(ctx, dy, dh, _drstd):
     x, h, x_scale, weight, rstd = ctx.saved_tensors
     if dy is None:
         dy = torch.zeros_like(h)
-    dres, dx, dw, dxs = torch.ops.sapiens2.add_rms_norm_backward(dy, dh, x, h, x_scale, weight, rstd)
+    dres, dx, dw, dxs = torch.ops.sapiens2.add_rms_norm_backward(dy, dh, x if x is not None else h, h, x_scale,
+                                                                 weight, rstd)
     if not ctx.has_scale:
         return dres, dres, None, dw, None
     return dx, dres, dxs, dw, None
