@@ -32,11 +32,24 @@ def row_block(C: int) -> int:
     return triton.next_power_of_2(max(int(C), 1))
 
 
-def reduction_programs(rows: int, device: torch.device, per_sm: int = 4) -> int:
-    """Programs for a kernel that reduces over rows with per-program partial sums: a few per SM
-    (8 "SMs" on CPU / the interpreter), never more than there are rows."""
-    sms = torch.cuda.get_device_properties(device).multi_processor_count if device.type == "cuda" else 8
-    return max(1, min(int(rows), per_sm * sms))
+H100_SMS = 132
+
+
+def sm_count(device: torch.device) -> int:
+    """Multiprocessors of ``device``: the GPU's; 132 (an H100 SXM) on the meta device, for the cost
+    model; 8 on the CPU, the interpreter's stand-in."""
+    if device.type == "cuda":
+        return torch.cuda.get_device_properties(device).multi_processor_count
+    return H100_SMS if device.type == "meta" else 8
+
+
+def reduction_programs(rows: int, device: torch.device, per_sm: int = 4, min_rows: int = 16) -> int:
+    """Programs for a kernel that reduces over rows with per-program partial sums: up to a few per SM,
+    but each with at least ``min_rows`` rows (every program writes a partial row that is read back:
+    at batch 1 x 3081 tokens, 4 per SM would move as many partial bytes as a third of the rows),
+    and at least one per SM; never more than there are rows."""
+    sms = sm_count(device)
+    return max(1, min(int(rows), per_sm * sms, max(sms, -(-int(rows) // min_rows))))
 
 
 def num_warps_for(block: int) -> int:

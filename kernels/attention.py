@@ -66,17 +66,18 @@ _split_head_dim = split_head_dim  # the name the tests and the cost model know
 
 
 @triton.jit
-def _norm_rope_kernel(X, Y, W, SIN, COS, R, N, HEADS, P, SIN_BSTRIDE, eps,
+def _norm_rope_kernel(X, Y, W, SIN, COS, R, N, HEADS, P, SIN_BSTRIDE, SX, eps,
                       D: tl.constexpr, D0: tl.constexpr, D1: tl.constexpr, HAS_D1: tl.constexpr,
                       HAS_NORM: tl.constexpr, HAS_ROPE: tl.constexpr, BLOCK_R: tl.constexpr,
                       INTERPRET: tl.constexpr):
-    """Rows r of the flattened (B*N*HEADS, D) x: y = rope(norm(x) * w) in Y's dtype."""
+    """Rows r = (b*N + n)*HEADS + head of x (token stride SX): y = rope(norm(x) * w), contiguous, Y's dtype."""
     r = tl.program_id(0) * BLOCK_R + tl.arange(0, BLOCK_R)
     rmask = r < R
     tok = (r // HEADS) % N
     b = r // (HEADS * N)
     srow = b.to(tl.int64) * SIN_BSTRIDE + (tok - P).to(tl.int64) * D
-    prologue_rows(X, Y, r.to(tl.int64) * D, tok, rmask, W, SIN, COS, srow, P, eps,
+    x_off = (r // HEADS).to(tl.int64) * SX + (r % HEADS) * D
+    prologue_rows(X, Y, x_off, r.to(tl.int64) * D, tok, rmask, W, SIN, COS, srow, P, eps,
                   D, D0, D1, HAS_D1, HAS_NORM, HAS_ROPE, INTERPRET)
 
 
@@ -85,7 +86,7 @@ def _norm_rope_kernel(X, Y, W, SIN, COS, R, N, HEADS, P, SIN_BSTRIDE, eps,
 
 
 @triton.jit
-def _fwd_inner(acc0, acc1, l_i, m_i, q0, q1, K, V, kv_base, kv_stride, L, lo, hi, qk_scale,
+def _fwd_inner(acc0, acc1, l_i, m_i, q0, q1, K, V, k_base, k_stride, v_base, v_stride, L, lo, hi, qk_scale,
                D: tl.constexpr, D0: tl.constexpr, D1: tl.constexpr, HAS_D1: tl.constexpr,
                BLOCK_N: tl.constexpr, MASK: tl.constexpr, PREC: tl.constexpr,
                DTYPE: tl.constexpr, INTERPRET: tl.constexpr):
@@ -94,7 +95,8 @@ def _fwd_inner(acc0, acc1, l_i, m_i, q0, q1, K, V, kv_base, kv_stride, L, lo, hi
     for start_n in range(lo, hi, BLOCK_N):
         offs_n = start_n + tl.arange(0, BLOCK_N)
         nmask = offs_n < L
-        row = kv_base + offs_n.to(tl.int64) * kv_stride
+        row = k_base + offs_n.to(tl.int64) * k_stride
+        vrow = v_base + offs_n.to(tl.int64) * v_stride
         k0 = ld(K + row[:, None] + c0[None, :], nmask[:, None], 0.0, INTERPRET)
         s = tl.dot(q0, tl.trans(k0), input_precision=PREC)
         if HAS_D1:
@@ -109,10 +111,10 @@ def _fwd_inner(acc0, acc1, l_i, m_i, q0, q1, K, V, kv_base, kv_stride, L, lo, hi
         alpha = tl.math.exp2(m_i - m_new)
         l_i = l_i * alpha + tl.sum(p, axis=1)
         pp = as_operand(p, DTYPE, INTERPRET)
-        v0 = ld(V + row[:, None] + c0[None, :], nmask[:, None], 0.0, INTERPRET)
+        v0 = ld(V + vrow[:, None] + c0[None, :], nmask[:, None], 0.0, INTERPRET)
         acc0 = tl.dot(pp, v0, acc0 * alpha[:, None], input_precision=PREC)
         if HAS_D1:
-            v1 = ld(V + row[:, None] + c1[None, :], m1, 0.0, INTERPRET)
+            v1 = ld(V + vrow[:, None] + c1[None, :], m1, 0.0, INTERPRET)
             acc1 = tl.dot(pp, v1, acc1 * alpha[:, None], input_precision=PREC)
         m_i = m_new
     return acc0, acc1, l_i, m_i
@@ -120,7 +122,7 @@ def _fwd_inner(acc0, acc1, l_i, m_i, q0, q1, K, V, kv_base, kv_stride, L, lo, hi
 
 @triton.jit
 def _attn_fwd_kernel(Q, K, V, O, LSE, QW, SIN, COS, SEQ_LENS,
-                     N, H, G, P, SIN_BSTRIDE, eps, qk_scale,
+                     N, H, G, P, SIN_BSTRIDE, SQ, SK, SV, eps, qk_scale,
                      D: tl.constexpr, D0: tl.constexpr, D1: tl.constexpr, HAS_D1: tl.constexpr,
                      HAS_NORM: tl.constexpr, HAS_ROPE: tl.constexpr, HAS_LENS: tl.constexpr,
                      BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, PREC: tl.constexpr,
@@ -135,7 +137,8 @@ def _attn_fwd_kernel(Q, K, V, O, LSE, QW, SIN, COS, SEQ_LENS,
     L = seq_len(SEQ_LENS, b, N, HAS_LENS)
     offs_m = pid_m * BLOCK_M + tl.arange(0, BLOCK_M)
     rmask = offs_m < N
-    q_row = ((b * N + offs_m).to(tl.int64) * H + h) * D
+    q_row = (b * N + offs_m).to(tl.int64) * SQ + h * D  # q may be a strided slot of a packed qkv
+    o_row = ((b * N + offs_m).to(tl.int64) * H + h) * D
     srow = b.to(tl.int64) * SIN_BSTRIDE + (offs_m - P).to(tl.int64) * D
     # prologue: q norm + RoPE, once per q tile
     if HAS_NORM:
@@ -154,22 +157,22 @@ def _attn_fwd_kernel(Q, K, V, O, LSE, QW, SIN, COS, SEQ_LENS,
     l_i = tl.zeros([BLOCK_M], dtype=tl.float32)
     acc0 = tl.zeros([BLOCK_M, D0], dtype=tl.float32)
     acc1 = tl.zeros([BLOCK_M, D1], dtype=tl.float32)
-    kv_base = (b * N * HKV + hk).to(tl.int64) * D
-    kv_stride = HKV * D
+    k_base = (b * N).to(tl.int64) * SK + hk * D
+    v_base = (b * N).to(tl.int64) * SV + hk * D
     n_full = (L // BLOCK_N) * BLOCK_N
-    acc0, acc1, l_i, m_i = _fwd_inner(acc0, acc1, l_i, m_i, q0, q1, K, V, kv_base, kv_stride, L, 0, n_full,
+    acc0, acc1, l_i, m_i = _fwd_inner(acc0, acc1, l_i, m_i, q0, q1, K, V, k_base, SK, v_base, SV, L, 0, n_full,
                                       qk_scale, D, D0, D1, HAS_D1, BLOCK_N, False, PREC, DTYPE, INTERPRET)
-    acc0, acc1, l_i, m_i = _fwd_inner(acc0, acc1, l_i, m_i, q0, q1, K, V, kv_base, kv_stride, L, n_full, L,
+    acc0, acc1, l_i, m_i = _fwd_inner(acc0, acc1, l_i, m_i, q0, q1, K, V, k_base, SK, v_base, SV, L, n_full, L,
                                       qk_scale, D, D0, D1, HAS_D1, BLOCK_N, True, PREC, DTYPE, INTERPRET)
     valid = offs_m < L
     inv_l = 1.0 / l_i
     o0 = tl.where(valid[:, None], acc0 * inv_l[:, None], 0.0)
     c0 = tl.arange(0, D0)
-    tl.store(O + q_row[:, None] + c0[None, :], as_operand(o0, DTYPE, INTERPRET), mask=rmask[:, None])
+    tl.store(O + o_row[:, None] + c0[None, :], as_operand(o0, DTYPE, INTERPRET), mask=rmask[:, None])
     if HAS_D1:
         c1 = D0 + tl.arange(0, D1)
         o1 = tl.where(valid[:, None], acc1 * inv_l[:, None], 0.0)
-        tl.store(O + q_row[:, None] + c1[None, :], as_operand(o1, DTYPE, INTERPRET),
+        tl.store(O + o_row[:, None] + c1[None, :], as_operand(o1, DTYPE, INTERPRET),
                  mask=rmask[:, None] & (c1[None, :] < D))
     lse = tl.where(valid, (m_i + tl.math.log2(l_i)) * _LN2, 0.0)
     tl.store(LSE + (b * H + h).to(tl.int64) * N + offs_m, lse, mask=rmask)
@@ -196,15 +199,25 @@ def prec(dtype: torch.dtype) -> str:
     return "ieee" if (dtype == torch.float32 or _INTERPRET) else "tf32"
 
 
+def token_stride(x) -> int:
+    """Elements between consecutive tokens of a (B, N, heads, D) tensor whose heads x D block is
+    contiguous and whose batch stride is N tokens (a contiguous tensor, or a slot of a packed qkv)."""
+    B, N, heads, D = x.shape
+    ok = x.stride(3) == 1 and (heads == 1 or x.stride(2) == D) and (B == 1 or x.stride(0) == N * x.stride(1))
+    assert ok, f"attention kernels take contiguous head rows, got strides {x.stride()}"
+    return x.stride(1) if N > 1 else heads * D
+
+
 def norm_rope(x, w, sin, cos, p, sin_bstride, eps, dummy):
-    """rope(norm(x) * w) of (B, N, heads, D) x into a new tensor of x's dtype (one launch)."""
+    """rope(norm(x) * w) of (B, N, heads, D) x (possibly token-strided) into a new contiguous tensor of
+    x's dtype (one launch)."""
     B, N, heads, D = x.shape
     D0, D1, has_d1 = split_head_dim(D)
-    y = torch.empty_like(x)
+    y = torch.empty(x.shape, device=x.device, dtype=x.dtype)
     R = B * N * heads
     _norm_rope_kernel[(triton.cdiv(R, ROW_BLOCK["BLOCK_R"]),)](
         x, y, dummy if w is None else w, dummy if sin is None else sin, dummy if cos is None else cos,
-        R, N, heads, p, sin_bstride, eps,
+        R, N, heads, p, sin_bstride, token_stride(x), eps,
         D=D, D0=D0, D1=D1, HAS_D1=has_d1, HAS_NORM=w is not None, HAS_ROPE=sin is not None,
         BLOCK_R=ROW_BLOCK["BLOCK_R"], INTERPRET=_INTERPRET,
         num_warps=ROW_BLOCK["num_warps"], num_stages=ROW_BLOCK["num_stages"],
@@ -224,14 +237,15 @@ def attention_fwd(q, k, v, q_norm_weight, k_norm_weight, sin, cos, num_prefix_to
     D0, D1, has_d1 = split_head_dim(D)
     dummy = q.new_empty(0)  # never read: stands in for absent optional pointers
     kp = norm_rope(k, k_norm_weight, sin, cos, p, sin_bstride, norm_eps, dummy) if (has_norm or has_rope) else k
-    o = torch.empty_like(q)
+    o = torch.empty(q.shape, device=q.device, dtype=q.dtype)
     lse = torch.empty((B, H, N), device=q.device, dtype=torch.float32)
     cfg = fwd_config(D, q.dtype)
     grid = (triton.cdiv(N, cfg["BLOCK_M"]), B * H)
     _attn_fwd_kernel[grid](
         q, kp, v, o, lse, q_norm_weight if has_norm else dummy, sin if has_rope else dummy,
         cos if has_rope else dummy, seq_lens if seq_lens is not None else dummy,
-        N, H, G, p, sin_bstride, float(norm_eps), float(scale) * LOG2E,
+        N, H, G, p, sin_bstride, token_stride(q), token_stride(kp), token_stride(v), float(norm_eps),
+        float(scale) * LOG2E,
         D=D, D0=D0, D1=D1, HAS_D1=has_d1, HAS_NORM=has_norm, HAS_ROPE=has_rope, HAS_LENS=seq_lens is not None,
         BLOCK_M=cfg["BLOCK_M"], BLOCK_N=cfg["BLOCK_N"], PREC=prec(q.dtype), INTERPRET=_INTERPRET,
         num_warps=cfg["num_warps"], num_stages=cfg["num_stages"],
@@ -253,13 +267,19 @@ FLAGS = ((False, False), (True, False), (False, True), (True, True))  # (norm, r
 HEAD_DIMS = (64, 76, 80, 128)
 SCALARS = dict(N="i32", H="i32", G="i32", P="i32", R="i32", HEADS="i32", SIN_BSTRIDE="i32", eps="fp32",
                qk_scale="fp32", scale="fp32", NQ="i32", NK_PARTS="i32", RQ="i32", RK="i32", HKV="i32",
-               NPROG="i32")
+               NPROG="i32", SX="i32", SQ="i32", SK="i32", SV="i32", SKR="i32", SQR="i32", SDQ="i32", SDK="i32",
+               SDV="i32")
+
+
+STRIDES = ("SX", "SQ", "SK", "SV", "SKR", "SQR", "SDQ", "SDK", "SDV")
 
 
 def add_config(out: list, name: str, fn, types: dict, constexprs: dict, cfg: dict) -> None:
     sig = signature(fn, {**SCALARS, **types}, constexprs)
-    # what the runtime JIT specialises on: torch allocations are 16-byte aligned
-    attrs = {(i,): [["tt.divisibility", 16]] for i, a in enumerate(fn.arg_names) if sig[a].startswith("*")}
+    # what the runtime JIT specialises on: torch allocations are 16-byte aligned, and the token strides
+    # (heads x D, or (H + 2 Hkv) x D for packed q/k/v) are multiples of 16 at every Sapiens2 shape
+    attrs = {(i,): [["tt.divisibility", 16]] for i, a in enumerate(fn.arg_names)
+             if sig[a].startswith("*") or a in STRIDES}
     out.append({"name": name, "fn": fn, "signature": sig, "constexprs": constexprs, "attrs": attrs,
                 "num_warps": cfg["num_warps"], "num_stages": cfg["num_stages"]})
 

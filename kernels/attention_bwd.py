@@ -50,7 +50,7 @@ import triton.language as tl
 
 from ._common import INTERPRET as _INTERPRET
 from ._common import as_operand, store_val
-from .attention import FLAGS, HEAD_DIMS, add_config, head_dim_constexprs, prec
+from .attention import FLAGS, HEAD_DIMS, add_config, head_dim_constexprs, prec, token_stride
 from .attention_prologue import (LOG2E, last_program, ld, prologue_bwd_tile, prologue_rows, seq_len, split_head_dim,
                                  store_cols, store_rows, sum_rows, tables)
 
@@ -61,7 +61,7 @@ from .attention_prologue import (LOG2E, last_program, ld, prologue_bwd_tile, pro
 
 @triton.jit
 def _bwd_prep_kernel(O, DO, DELTA, DQ_ACC, Q, QP, QW, K, KP, KW, SIN, COS, SEQ_LENS, COUNTER,
-                     RQ, RK, N, H, HKV, P, SIN_BSTRIDE, eps, NQ,
+                     RQ, RK, N, H, HKV, P, SIN_BSTRIDE, SQ, SK, eps, NQ,
                      D: tl.constexpr, D0: tl.constexpr, D1: tl.constexpr, HAS_D1: tl.constexpr,
                      HAS_NORM: tl.constexpr, HAS_ROPE: tl.constexpr, HAS_LENS: tl.constexpr,
                      ZERO_DQ: tl.constexpr, BLOCK_R: tl.constexpr, INTERPRET: tl.constexpr):
@@ -96,15 +96,17 @@ def _bwd_prep_kernel(O, DO, DELTA, DQ_ACC, Q, QP, QW, K, KP, KW, SIN, COS, SEQ_L
                        tl.zeros([BLOCK_R, D1], dtype=tl.float32), D, D0, D1, HAS_D1, INTERPRET)
         if HAS_NORM or HAS_ROPE:
             srow = b.to(tl.int64) * SIN_BSTRIDE + (tok - P).to(tl.int64) * D
-            prologue_rows(Q, QP, row, tok, rmask, QW, SIN, COS, srow, P, eps, D, D0, D1, HAS_D1, HAS_NORM, HAS_ROPE,
-                          INTERPRET)
+            q_in = (r // H).to(tl.int64) * SQ + h * D
+            prologue_rows(Q, QP, q_in, row, tok, rmask, QW, SIN, COS, srow, P, eps, D, D0, D1, HAS_D1, HAS_NORM,
+                          HAS_ROPE, INTERPRET)
     else:
         r = (pid - NQ) * BLOCK_R + tl.arange(0, BLOCK_R)
         rmask = r < RK
         tok = (r // HKV) % N
         b = r // (HKV * N)
         srow = b.to(tl.int64) * SIN_BSTRIDE + (tok - P).to(tl.int64) * D
-        prologue_rows(K, KP, r.to(tl.int64) * D, tok, rmask, KW, SIN, COS, srow, P, eps,
+        k_in = (r // HKV).to(tl.int64) * SK + (r % HKV) * D
+        prologue_rows(K, KP, k_in, r.to(tl.int64) * D, tok, rmask, KW, SIN, COS, srow, P, eps,
                       D, D0, D1, HAS_D1, HAS_NORM, HAS_ROPE, INTERPRET)
 
 
@@ -114,7 +116,7 @@ def _bwd_prep_kernel(O, DO, DELTA, DQ_ACC, Q, QP, QW, K, KP, KW, SIN, COS, SEQ_L
 
 @triton.jit
 def _bwd_kv_kernel(Q, K, V, DO, LSE, DELTA, DK, DV, DQ_ACC, SEQ_LENS, KRAW, KW, SIN, COS, DW_PART,
-                   N, H, G, P, SIN_BSTRIDE, eps, qk_scale, scale,
+                   N, H, G, P, SIN_BSTRIDE, SQ, SK, SV, SKR, SDK, SDV, eps, qk_scale, scale,
                    D: tl.constexpr, D0: tl.constexpr, D1: tl.constexpr, HAS_D1: tl.constexpr,
                    HAS_LENS: tl.constexpr, ATOMIC_DQ: tl.constexpr, HAS_NORM: tl.constexpr, HAS_ROPE: tl.constexpr,
                    BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, PREC: tl.constexpr, INTERPRET: tl.constexpr):
@@ -129,15 +131,17 @@ def _bwd_kv_kernel(Q, K, V, DO, LSE, DELTA, DK, DV, DQ_ACC, SEQ_LENS, KRAW, KW, 
     L = seq_len(SEQ_LENS, b, N, HAS_LENS)
     offs_n = pid_n * BLOCK_N + tl.arange(0, BLOCK_N)
     nmask = offs_n < L
-    kv_row = ((b * N + offs_n).to(tl.int64) * HKV + hk) * D
+    tok_n = (b * N + offs_n).to(tl.int64)
+    k_row = tok_n * SK + hk * D
+    v_row = tok_n * SV + hk * D
     c0 = tl.arange(0, D0)
     c1 = D0 + tl.arange(0, D1)
     m1n = nmask[:, None] & (c1[None, :] < D)
-    k0 = ld(K + kv_row[:, None] + c0[None, :], nmask[:, None], 0.0, INTERPRET)
-    v0 = ld(V + kv_row[:, None] + c0[None, :], nmask[:, None], 0.0, INTERPRET)
+    k0 = ld(K + k_row[:, None] + c0[None, :], nmask[:, None], 0.0, INTERPRET)
+    v0 = ld(V + v_row[:, None] + c0[None, :], nmask[:, None], 0.0, INTERPRET)
     if HAS_D1:
-        k1 = ld(K + kv_row[:, None] + c1[None, :], m1n, 0.0, INTERPRET)
-        v1 = ld(V + kv_row[:, None] + c1[None, :], m1n, 0.0, INTERPRET)
+        k1 = ld(K + k_row[:, None] + c1[None, :], m1n, 0.0, INTERPRET)
+        v1 = ld(V + v_row[:, None] + c1[None, :], m1n, 0.0, INTERPRET)
     else:
         k1 = tl.zeros([BLOCK_N, D1], dtype=k0.dtype)
         v1 = tl.zeros([BLOCK_N, D1], dtype=v0.dtype)
@@ -147,17 +151,18 @@ def _bwd_kv_kernel(Q, K, V, DO, LSE, DELTA, DK, DV, DQ_ACC, SEQ_LENS, KRAW, KW, 
     dv1 = tl.zeros([BLOCK_N, D1], dtype=tl.float32)
     # key blocks entirely past seq_len get zero gradients without visiting any query
     hi = tl.where(pid_n * BLOCK_N < L, L, 0)
-    q_stride = H * D
     for g in range(G):
         h = hk * G + g
-        q_base = (b * N * H + h).to(tl.int64) * D
+        q_base = (b * N).to(tl.int64) * SQ + h * D
+        o_base = (b * N * H + h).to(tl.int64) * D  # dO and the dQ accumulator: contiguous (B, N, H, D)
         st_base = (b * H + h).to(tl.int64) * N
         for start_m in range(0, hi, BLOCK_M):
             offs_m = start_m + tl.arange(0, BLOCK_M)
             mmask = offs_m < N
-            q_row = q_base + offs_m.to(tl.int64) * q_stride
+            q_row = q_base + offs_m.to(tl.int64) * SQ
+            o_row = o_base + offs_m.to(tl.int64) * (H * D)
             q0 = ld(Q + q_row[:, None] + c0[None, :], mmask[:, None], 0.0, INTERPRET)
-            do0 = ld(DO + q_row[:, None] + c0[None, :], mmask[:, None], 0.0, INTERPRET)
+            do0 = ld(DO + o_row[:, None] + c0[None, :], mmask[:, None], 0.0, INTERPRET)
             # rows past seq_len (and past N): lse taken as +inf, so P^T = 0 there without a mask
             lse = tl.load(LSE + st_base + offs_m, mask=mmask, other=0.0)
             lse2 = tl.where(offs_m < L, lse * 1.4426950408889634, float("inf"))
@@ -166,7 +171,7 @@ def _bwd_kv_kernel(Q, K, V, DO, LSE, DELTA, DK, DV, DQ_ACC, SEQ_LENS, KRAW, KW, 
             if HAS_D1:
                 m1m = mmask[:, None] & (c1[None, :] < D)
                 q1 = ld(Q + q_row[:, None] + c1[None, :], m1m, 0.0, INTERPRET)
-                do1 = ld(DO + q_row[:, None] + c1[None, :], m1m, 0.0, INTERPRET)
+                do1 = ld(DO + o_row[:, None] + c1[None, :], m1m, 0.0, INTERPRET)
                 sT = tl.dot(k1, tl.trans(q1), sT, input_precision=PREC)
             pT = tl.math.exp2(sT * qk_scale - lse2[None, :])
             ppT = as_operand(pT, DTYPE, INTERPRET)
@@ -182,24 +187,24 @@ def _bwd_kv_kernel(Q, K, V, DO, LSE, DELTA, DK, DV, DQ_ACC, SEQ_LENS, KRAW, KW, 
             if ATOMIC_DQ:
                 # keys past seq_len were loaded as zero rows of Kp: they add nothing
                 ds = tl.trans(dsT)
-                tl.atomic_add(DQ_ACC + q_row[:, None] + c0[None, :], tl.dot(ds, k0, input_precision=PREC),
+                tl.atomic_add(DQ_ACC + o_row[:, None] + c0[None, :], tl.dot(ds, k0, input_precision=PREC),
                               mask=mmask[:, None], sem="relaxed")
                 if HAS_D1:
-                    tl.atomic_add(DQ_ACC + q_row[:, None] + c1[None, :], tl.dot(ds, k1, input_precision=PREC),
+                    tl.atomic_add(DQ_ACC + o_row[:, None] + c1[None, :], tl.dot(ds, k1, input_precision=PREC),
                                   mask=m1m, sem="relaxed")
     # rows of dK/dV are independent: keys past seq_len are zeroed here
     rm = offs_n < N
-    store_rows(DV, kv_row, rm, tl.where(nmask[:, None], dv0, 0.0), tl.where(nmask[:, None], dv1, 0.0),
+    store_rows(DV, tok_n * SDV + hk * D, rm, tl.where(nmask[:, None], dv0, 0.0), tl.where(nmask[:, None], dv1, 0.0),
                D, D0, D1, HAS_D1, INTERPRET)
     dk0 = tl.where(nmask[:, None], dk0 * scale, 0.0)
     dk1 = tl.where(nmask[:, None], dk1 * scale, 0.0)
     if HAS_NORM or HAS_ROPE:
         srow = b.to(tl.int64) * SIN_BSTRIDE + (offs_n - P).to(tl.int64) * D
-        dk0, dk1, dw0, dw1 = prologue_bwd_tile(dk0, dk1, KRAW, kv_row, offs_n, rm, KW, SIN, COS, srow, P, eps,
-                                               D, D0, D1, HAS_D1, HAS_NORM, HAS_ROPE, INTERPRET)
+        dk0, dk1, dw0, dw1 = prologue_bwd_tile(dk0, dk1, KRAW, tok_n * SKR + hk * D, offs_n, rm, KW, SIN, COS, srow,
+                                               P, eps, D, D0, D1, HAS_D1, HAS_NORM, HAS_ROPE, INTERPRET)
         if HAS_NORM:
             store_cols(DW_PART, pid_bk * tl.num_programs(0) + pid_n, dw0, dw1, D, D0, D1, HAS_D1)
-    store_rows(DK, kv_row, rm, dk0, dk1, D, D0, D1, HAS_D1, INTERPRET)
+    store_rows(DK, tok_n * SDK + hk * D, rm, dk0, dk1, D, D0, D1, HAS_D1, INTERPRET)
 
 
 # ----------------------------------------------------------------------------------------------
@@ -223,7 +228,7 @@ def _finish_weight_grads(DW_PART, COUNTER, DKW, DQW, NK_PARTS, N_PARTS, total,
 
 @triton.jit
 def _bwd_dq_finalize_kernel(DQ_ACC, DQ, QRAW, QW, SIN, COS, DW_PART, COUNTER, DKW, DQW,
-                            RQ, N, H, P, SIN_BSTRIDE, eps, scale, NK_PARTS,
+                            RQ, N, H, P, SIN_BSTRIDE, SQR, SDQ, eps, scale, NK_PARTS,
                             D: tl.constexpr, D0: tl.constexpr, D1: tl.constexpr, HAS_D1: tl.constexpr,
                             HAS_NORM: tl.constexpr, HAS_ROPE: tl.constexpr, BLOCK_R: tl.constexpr,
                             INTERPRET: tl.constexpr):
@@ -238,20 +243,22 @@ def _bwd_dq_finalize_kernel(DQ_ACC, DQ, QRAW, QW, SIN, COS, DW_PART, COUNTER, DK
         r = blk * BLOCK_R + tl.arange(0, BLOCK_R)
         rmask = r < RQ
         row = r.to(tl.int64) * D
+        tok = (r // H).to(tl.int64)  # b * N + n
+        hd = (r % H) * D
         g0 = tl.load(DQ_ACC + row[:, None] + c0[None, :], mask=rmask[:, None], other=0.0) * scale
         if HAS_D1:
             g1 = tl.load(DQ_ACC + row[:, None] + c1[None, :], mask=rmask[:, None] & (c1[None, :] < D), other=0.0) * scale
         else:
             g1 = tl.zeros([BLOCK_R, D1], dtype=tl.float32)
         if HAS_NORM or HAS_ROPE:
-            tok = (r // H) % N
+            n = (r // H) % N
             b = r // (H * N)
-            srow = b.to(tl.int64) * SIN_BSTRIDE + (tok - P).to(tl.int64) * D
-            g0, g1, dw0, dw1 = prologue_bwd_tile(g0, g1, QRAW, row, tok, rmask, QW, SIN, COS, srow, P, eps,
+            srow = b.to(tl.int64) * SIN_BSTRIDE + (n - P).to(tl.int64) * D
+            g0, g1, dw0, dw1 = prologue_bwd_tile(g0, g1, QRAW, tok * SQR + hd, n, rmask, QW, SIN, COS, srow, P, eps,
                                                  D, D0, D1, HAS_D1, HAS_NORM, HAS_ROPE, INTERPRET)
             w0 += dw0
             w1 += dw1
-        store_rows(DQ, row, rmask, g0, g1, D, D0, D1, HAS_D1, INTERPRET)
+        store_rows(DQ, tok * SDQ + hd, rmask, g0, g1, D, D0, D1, HAS_D1, INTERPRET)
     if HAS_NORM:
         store_cols(DW_PART, NK_PARTS + pid, w0, w1, D, D0, D1, HAS_D1)
         _finish_weight_grads(DW_PART, COUNTER, DKW, DQW, NK_PARTS, NK_PARTS + nprog, nprog,
@@ -259,7 +266,7 @@ def _bwd_dq_finalize_kernel(DQ_ACC, DQ, QRAW, QW, SIN, COS, DW_PART, COUNTER, DK
 
 
 @triton.jit
-def _dq_inner(dq0, dq1, q0, q1, do0, do1, lse2, dl, K, V, kv_base, kv_stride, L, lo, hi, qk_scale,
+def _dq_inner(dq0, dq1, q0, q1, do0, do1, lse2, dl, K, V, k_base, k_stride, v_base, v_stride, L, lo, hi, qk_scale,
               D: tl.constexpr, D0: tl.constexpr, D1: tl.constexpr, HAS_D1: tl.constexpr,
               BLOCK_N: tl.constexpr, MASK: tl.constexpr, PREC: tl.constexpr,
               DTYPE: tl.constexpr, INTERPRET: tl.constexpr):
@@ -268,15 +275,16 @@ def _dq_inner(dq0, dq1, q0, q1, do0, do1, lse2, dl, K, V, kv_base, kv_stride, L,
     for start_n in range(lo, hi, BLOCK_N):
         offs_n = start_n + tl.arange(0, BLOCK_N)
         nmask = offs_n < L
-        row = kv_base + offs_n.to(tl.int64) * kv_stride
+        row = k_base + offs_n.to(tl.int64) * k_stride
+        vrow = v_base + offs_n.to(tl.int64) * v_stride
         k0 = ld(K + row[:, None] + c0[None, :], nmask[:, None], 0.0, INTERPRET)
-        v0 = ld(V + row[:, None] + c0[None, :], nmask[:, None], 0.0, INTERPRET)
+        v0 = ld(V + vrow[:, None] + c0[None, :], nmask[:, None], 0.0, INTERPRET)
         s = tl.dot(q0, tl.trans(k0), input_precision=PREC)
         dp = tl.dot(do0, tl.trans(v0), input_precision=PREC)
         if HAS_D1:
             m1 = nmask[:, None] & (c1[None, :] < D)
             k1 = ld(K + row[:, None] + c1[None, :], m1, 0.0, INTERPRET)
-            v1 = ld(V + row[:, None] + c1[None, :], m1, 0.0, INTERPRET)
+            v1 = ld(V + vrow[:, None] + c1[None, :], m1, 0.0, INTERPRET)
             s = tl.dot(q1, tl.trans(k1), s, input_precision=PREC)
             dp = tl.dot(do1, tl.trans(v1), dp, input_precision=PREC)
         p = tl.math.exp2(s * qk_scale - lse2[:, None])
@@ -291,7 +299,7 @@ def _dq_inner(dq0, dq1, q0, q1, do0, do1, lse2, dl, K, V, kv_base, kv_stride, L,
 
 @triton.jit
 def _bwd_dq_kernel(Q, K, V, DO, LSE, DELTA, DQ, SEQ_LENS, QRAW, QW, SIN, COS, DW_PART, COUNTER, DKW, DQW,
-                   N, H, G, P, SIN_BSTRIDE, eps, qk_scale, scale, NK_PARTS,
+                   N, H, G, P, SIN_BSTRIDE, SQ, SK, SV, SQR, SDQ, eps, qk_scale, scale, NK_PARTS,
                    D: tl.constexpr, D0: tl.constexpr, D1: tl.constexpr, HAS_D1: tl.constexpr,
                    HAS_LENS: tl.constexpr, HAS_NORM: tl.constexpr, HAS_ROPE: tl.constexpr,
                    BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, PREC: tl.constexpr, INTERPRET: tl.constexpr):
@@ -307,15 +315,17 @@ def _bwd_dq_kernel(Q, K, V, DO, LSE, DELTA, DQ, SEQ_LENS, QRAW, QW, SIN, COS, DW
     L = seq_len(SEQ_LENS, b, N, HAS_LENS)
     offs_m = pid_m * BLOCK_M + tl.arange(0, BLOCK_M)
     rmask = offs_m < N
-    q_row = ((b * N + offs_m).to(tl.int64) * H + h) * D
+    tok_m = (b * N + offs_m).to(tl.int64)
+    q_row = tok_m * SQ + h * D
+    o_row = (tok_m * H + h) * D  # dO: contiguous (B, N, H, D)
     c0 = tl.arange(0, D0)
     c1 = D0 + tl.arange(0, D1)
     m1 = rmask[:, None] & (c1[None, :] < D)
     q0 = ld(Q + q_row[:, None] + c0[None, :], rmask[:, None], 0.0, INTERPRET)
-    do0 = ld(DO + q_row[:, None] + c0[None, :], rmask[:, None], 0.0, INTERPRET)
+    do0 = ld(DO + o_row[:, None] + c0[None, :], rmask[:, None], 0.0, INTERPRET)
     if HAS_D1:
         q1 = ld(Q + q_row[:, None] + c1[None, :], m1, 0.0, INTERPRET)
-        do1 = ld(DO + q_row[:, None] + c1[None, :], m1, 0.0, INTERPRET)
+        do1 = ld(DO + o_row[:, None] + c1[None, :], m1, 0.0, INTERPRET)
     else:
         q1 = tl.zeros([BLOCK_M, D1], dtype=q0.dtype)
         do1 = tl.zeros([BLOCK_M, D1], dtype=do0.dtype)
@@ -325,27 +335,27 @@ def _bwd_dq_kernel(Q, K, V, DO, LSE, DELTA, DQ, SEQ_LENS, QRAW, QW, SIN, COS, DW
     dl = tl.load(DELTA + st, mask=rmask, other=0.0)
     dq0 = tl.zeros([BLOCK_M, D0], dtype=tl.float32)
     dq1 = tl.zeros([BLOCK_M, D1], dtype=tl.float32)
-    kv_base = (b * N * HKV + hk).to(tl.int64) * D
-    kv_stride = HKV * D
+    k_base = (b * N).to(tl.int64) * SK + hk * D
+    v_base = (b * N).to(tl.int64) * SV + hk * D
     # query blocks entirely past seq_len: nothing to visit (their gradient is 0)
     hi = tl.where(pid_m * BLOCK_M < L, L, 0)
     n_full = (hi // BLOCK_N) * BLOCK_N
-    dq0, dq1 = _dq_inner(dq0, dq1, q0, q1, do0, do1, lse2, dl, K, V, kv_base, kv_stride, L, 0, n_full,
+    dq0, dq1 = _dq_inner(dq0, dq1, q0, q1, do0, do1, lse2, dl, K, V, k_base, SK, v_base, SV, L, 0, n_full,
                          qk_scale, D, D0, D1, HAS_D1, BLOCK_N, False, PREC, DTYPE, INTERPRET)
-    dq0, dq1 = _dq_inner(dq0, dq1, q0, q1, do0, do1, lse2, dl, K, V, kv_base, kv_stride, L, n_full, hi,
+    dq0, dq1 = _dq_inner(dq0, dq1, q0, q1, do0, do1, lse2, dl, K, V, k_base, SK, v_base, SV, L, n_full, hi,
                          qk_scale, D, D0, D1, HAS_D1, BLOCK_N, True, PREC, DTYPE, INTERPRET)
     dq0 = dq0 * scale
     dq1 = dq1 * scale
     if HAS_NORM or HAS_ROPE:
         srow = b.to(tl.int64) * SIN_BSTRIDE + (offs_m - P).to(tl.int64) * D
-        dq0, dq1, dw0, dw1 = prologue_bwd_tile(dq0, dq1, QRAW, q_row, offs_m, rmask, QW, SIN, COS, srow, P, eps,
-                                               D, D0, D1, HAS_D1, HAS_NORM, HAS_ROPE, INTERPRET)
+        dq0, dq1, dw0, dw1 = prologue_bwd_tile(dq0, dq1, QRAW, tok_m * SQR + h * D, offs_m, rmask, QW, SIN, COS,
+                                               srow, P, eps, D, D0, D1, HAS_D1, HAS_NORM, HAS_ROPE, INTERPRET)
         if HAS_NORM:
             nprog = tl.num_programs(0) * tl.num_programs(1)
             store_cols(DW_PART, NK_PARTS + pid_bh * tl.num_programs(0) + pid_m, dw0, dw1, D, D0, D1, HAS_D1)
             _finish_weight_grads(DW_PART, COUNTER, DKW, DQW, NK_PARTS, NK_PARTS + nprog, nprog,
                                  D, D0, D1, HAS_D1, INTERPRET)
-    store_rows(DQ, q_row, rmask, dq0, dq1, D, D0, D1, HAS_D1, INTERPRET)
+    store_rows(DQ, tok_m * SDQ + h * D, rmask, dq0, dq1, D, D0, D1, HAS_D1, INTERPRET)
 
 
 # ----------------------------------------------------------------------------------------------
@@ -379,8 +389,11 @@ def finalize_programs(rows: int) -> int:
 
 
 def attention_bwd(do, q, k, v, o, lse, q_norm_weight, k_norm_weight, sin, cos, num_prefix_tokens, seq_lens, scale,
-                  norm_eps, deterministic: bool = False):
-    """``(dq, dk, dv, dq_norm_weight, dk_norm_weight)``; the last two ``q.new_empty(0)`` without norms."""
+                  norm_eps, deterministic: bool = False, grads_out=None):
+    """``(dq, dk, dv, dq_norm_weight, dk_norm_weight)``; the last two ``q.new_empty(0)`` without norms.
+
+    q, k, v may be token-strided views (the slots of one packed qkv); ``grads_out``: optional
+    (dq, dk, dv) views to write into (the slots of a packed dqkv); do and o are contiguous."""
     B, N, H, D = q.shape
     Hkv = k.shape[2]
     G = H // Hkv
@@ -408,11 +421,16 @@ def attention_bwd(do, q, k, v, o, lse, q_norm_weight, k_norm_weight, sin, cos, n
     # scratch (allocations only: every element is written by a kernel before it is read)
     delta = torch.empty((B, H, N), device=q.device, dtype=torch.float32)
     dq_acc = dummy if deterministic else torch.empty(q.shape, device=q.device, dtype=torch.float32)
-    qp = torch.empty_like(q) if prologue else q
-    kp = torch.empty_like(k) if prologue else k
+    qp = torch.empty(q.shape, device=q.device, dtype=q.dtype) if prologue else q  # contiguous scratch
+    kp = torch.empty(k.shape, device=k.device, dtype=k.dtype) if prologue else k
     counter = torch.empty(1, device=q.device, dtype=torch.int32)
     parts = torch.empty((n_kparts + n_qparts, D), device=q.device, dtype=torch.float32) if has_norm else dummy
-    dq, dk, dv = torch.empty_like(q), torch.empty_like(k), torch.empty_like(v)
+    if grads_out is None:
+        new = lambda t: torch.empty(t.shape, device=t.device, dtype=t.dtype)  # noqa: E731
+        grads_out = (new(q), new(k), new(v))
+    dq, dk, dv = grads_out
+    sq, sk, sv = token_stride(q), token_stride(k), token_stride(v)
+    sqp, skp = (token_stride(qp), token_stride(kp))
     dqw = torch.empty_like(q_norm_weight) if has_norm else q.new_empty(0)
     dkw = torch.empty_like(k_norm_weight) if has_norm else q.new_empty(0)
 
@@ -421,14 +439,14 @@ def attention_bwd(do, q, k, v, o, lse, q_norm_weight, k_norm_weight, sin, cos, n
     nk = triton.cdiv(RK, PREP_BLOCK["BLOCK_R"]) if prologue else 0
     _bwd_prep_kernel[(nq + nk,)](
         o, do, delta, dq_acc, q, qp, qw, k, kp, kw, sin_, cos_, lens, counter,
-        RQ, RK, N, H, Hkv, p, sin_bstride, eps, nq,
+        RQ, RK, N, H, Hkv, p, sin_bstride, sq, sk, eps, nq,
         **hd, HAS_NORM=has_norm, HAS_ROPE=has_rope, HAS_LENS=has_lens, ZERO_DQ=not deterministic,
         BLOCK_R=PREP_BLOCK["BLOCK_R"], num_warps=PREP_BLOCK["num_warps"], num_stages=PREP_BLOCK["num_stages"],
     )
     # 2. dK, dV (+ dQ atomics), k's prologue backward in the epilogue
     _bwd_kv_kernel[kv_grid](
         qp, kp, v, do, lse, delta, dk, dv, dq_acc, lens, k, kw, sin_, cos_, parts,
-        N, H, G, p, sin_bstride, eps, qk_scale, scale,
+        N, H, G, p, sin_bstride, sqp, skp, sv, sk, token_stride(dk), token_stride(dv), eps, qk_scale, scale,
         **hd, HAS_LENS=has_lens, ATOMIC_DQ=not deterministic, HAS_NORM=has_norm, HAS_ROPE=has_rope,
         BLOCK_M=kvc["BLOCK_M"], BLOCK_N=kvc["BLOCK_N"], PREC=prec(q.dtype),
         num_warps=kvc["num_warps"], num_stages=kvc["num_stages"],
@@ -437,7 +455,7 @@ def attention_bwd(do, q, k, v, o, lse, q_norm_weight, k_norm_weight, sin, cos, n
     if deterministic:
         _bwd_dq_kernel[(triton.cdiv(N, dqc["BLOCK_M"]), B * H)](
             qp, kp, v, do, lse, delta, dq, lens, q, qw, sin_, cos_, parts, counter, dkw, dqw,
-            N, H, G, p, sin_bstride, eps, qk_scale, scale, n_kparts,
+            N, H, G, p, sin_bstride, sqp, skp, sv, sq, token_stride(dq), eps, qk_scale, scale, n_kparts,
             **hd, HAS_LENS=has_lens, HAS_NORM=has_norm, HAS_ROPE=has_rope,
             BLOCK_M=dqc["BLOCK_M"], BLOCK_N=dqc["BLOCK_N"], PREC=prec(q.dtype),
             num_warps=dqc["num_warps"], num_stages=dqc["num_stages"],
@@ -445,7 +463,7 @@ def attention_bwd(do, q, k, v, o, lse, q_norm_weight, k_norm_weight, sin, cos, n
     else:
         _bwd_dq_finalize_kernel[(nq_final,)](
             dq_acc, dq, q, qw, sin_, cos_, parts, counter, dkw, dqw,
-            RQ, N, H, p, sin_bstride, eps, scale, n_kparts,
+            RQ, N, H, p, sin_bstride, sq, token_stride(dq), eps, scale, n_kparts,
             **hd, HAS_NORM=has_norm, HAS_ROPE=has_rope, BLOCK_R=FINALIZE_BLOCK["BLOCK_R"],
             num_warps=FINALIZE_BLOCK["num_warps"], num_stages=FINALIZE_BLOCK["num_stages"],
         )

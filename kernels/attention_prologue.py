@@ -1,6 +1,9 @@
 """The per-head QK-RMSNorm + rotate-half RoPE prologue of the attention kernels, forward and backward,
 as ``@triton.jit`` helpers on row tiles, plus the head-dim tiling shared by the attention kernels.
 
+Rows are addressed by element offsets, so inputs may be row-strided views (the q/k/v slots of one
+packed projection output: token stride ``(H + 2 Hkv) * D``) and outputs separate or packed alike.
+
 Head-dim tiles: ``D`` is covered by a power-of-two main tile ``D0`` and, when ``D`` is not a power of
 two, a second small tile ``D1`` masked at ``d >= D`` (``64 -> 64``, ``76 -> 64 + 16``, ``80 -> 64 +
 16``, ``128 -> 128``), so every matmul is a legal wgmma K and memory keeps the true head dim.
@@ -132,23 +135,23 @@ def prologue_cols(X, row_off, tok, rmask, rstd, W, SIN, COS, srow, P,
 
 
 @triton.jit
-def prologue_rows(X, Y, row_off, tok, rmask, W, SIN, COS, srow, P, eps,
+def prologue_rows(X, Y, x_off, y_off, tok, rmask, W, SIN, COS, srow, P, eps,
                   D: tl.constexpr, D0: tl.constexpr, D1: tl.constexpr, HAS_D1: tl.constexpr,
                   HAS_NORM: tl.constexpr, HAS_ROPE: tl.constexpr, INTERPRET: tl.constexpr):
-    """Rows of ``y = rope(norm(x) * w)`` written to Y (same row offsets as X) in Y's dtype."""
+    """Rows of ``y = rope(norm(x) * w)`` (x rows at ``x_off``) written to Y at ``y_off`` in Y's dtype."""
     DTYPE: tl.constexpr = Y.dtype.element_ty
     if HAS_NORM:
-        rstd = rstd_rows(X, row_off, rmask, eps, D, D0, D1, HAS_D1, INTERPRET)
+        rstd = rstd_rows(X, x_off, rmask, eps, D, D0, D1, HAS_D1, INTERPRET)
     else:
-        rstd = tl.zeros(row_off.shape, dtype=tl.float32)
-    y0 = prologue_cols(X, row_off, tok, rmask, rstd, W, SIN, COS, srow, P, 0, D0, D, HAS_NORM, HAS_ROPE, INTERPRET)
+        rstd = tl.zeros(x_off.shape, dtype=tl.float32)
+    y0 = prologue_cols(X, x_off, tok, rmask, rstd, W, SIN, COS, srow, P, 0, D0, D, HAS_NORM, HAS_ROPE, INTERPRET)
     c0 = tl.arange(0, D0)
-    tl.store(Y + row_off[:, None] + c0[None, :], as_operand(y0, DTYPE, INTERPRET), mask=rmask[:, None])
+    tl.store(Y + y_off[:, None] + c0[None, :], as_operand(y0, DTYPE, INTERPRET), mask=rmask[:, None])
     if HAS_D1:
-        y1 = prologue_cols(X, row_off, tok, rmask, rstd, W, SIN, COS, srow, P, D0, D1, D, HAS_NORM, HAS_ROPE,
+        y1 = prologue_cols(X, x_off, tok, rmask, rstd, W, SIN, COS, srow, P, D0, D1, D, HAS_NORM, HAS_ROPE,
                            INTERPRET)
         c1 = D0 + tl.arange(0, D1)
-        tl.store(Y + row_off[:, None] + c1[None, :], as_operand(y1, DTYPE, INTERPRET),
+        tl.store(Y + y_off[:, None] + c1[None, :], as_operand(y1, DTYPE, INTERPRET),
                  mask=rmask[:, None] & (c1[None, :] < D))
 
 

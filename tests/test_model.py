@@ -65,7 +65,8 @@ def test_meta_forward_backward_full_size():
     out = m(x)
     assert out.shape == (1, 9 + 64 * 48, 1024)
     out.sum().backward()
-    assert m.blocks[10].attn.wk.weight.grad.shape == (512, 1024)
+    assert m.blocks[10].attn.wqkv.weight.grad.shape == (1024 + 2 * 512, 1024)  # packed q, k, v (GQA layer)
+    assert m.state_dict()["blocks.10.attn.wk.weight"].shape == (512, 1024)  # official names outside
 
 
 def test_bad_inputs(tmp_path):

@@ -171,7 +171,7 @@ class OfficialStyleBlock(nn.Module):
         dtype, and (off the meta device) the same weights, so both compute the same function."""
         a, w = block.attn, next(block.parameters())
         with torch.device(w.device):
-            off = cls(a.wq.in_features, a.num_heads, a.num_kv_heads, block.ffn.w3.in_features, gpu_like).to(w.dtype)
+            off = cls(a.wqkv.in_features, a.num_heads, a.num_kv_heads, block.ffn.w3.in_features, gpu_like).to(w.dtype)
         if w.device.type != "meta":
             ours = block.state_dict()
             off.load_state_dict({k: ours[v] for k, v in _OURS_NAMES.items()}, strict=True)

@@ -1,7 +1,8 @@
 """Building blocks of the Sapiens2 backbone. They call ``sapiens2.ops`` (never a kernel).
 
-Parameter names follow the official checkpoints (``ln1``, ``attn.wq``, ``attn.q_norm``,
-``attn.gamma``, ``ffn.w12``, ...), so official state dicts load with ``strict=True``.
+State-dict names follow the official checkpoints (``ln1``, ``attn.wq``, ``attn.q_norm``,
+``attn.gamma``, ``ffn.w12``, ...), so official state dicts load with ``strict=True`` (the q, k, v
+projections are one packed parameter ``attn.wqkv`` inside, converted by state-dict hooks).
 
 The residual stream is carried as ``(h, pending)``: ``pending`` is the previous branch output not
 yet added to ``h``, so that each residual add is fused with the RMSNorm that follows it
@@ -54,7 +55,12 @@ class SwiGLUFFN(nn.Module):
 
 
 class Attention(nn.Module):
-    """Multi-head / grouped-query attention with optional per-head QK-RMSNorm and 2D RoPE."""
+    """Multi-head / grouped-query attention with optional per-head QK-RMSNorm and 2D RoPE.
+
+    The q, k and v projections are one packed ``wqkv`` Linear (``(H + 2 Hkv) * D`` outputs: one GEMM
+    reads the input once, and ``ops.attention_qkv`` consumes its output packed and returns one packed
+    gradient). State dicts use the official separate ``wq`` / ``wk`` / ``wv`` keys both ways: loading
+    concatenates them, ``state_dict()`` returns row views of ``wqkv`` under those names."""
 
     def __init__(self, dim: int, num_heads: int, num_kv_heads: int, qk_norm: bool = True,
                  layer_scale: Optional[float] = 1e-4, qkv_bias: bool = True, fused: bool = True):
@@ -62,9 +68,7 @@ class Attention(nn.Module):
         self.num_heads, self.num_kv_heads = num_heads, num_kv_heads
         self.head_dim = dim // num_heads
         self.fused = fused
-        self.wq = nn.Linear(dim, dim, bias=qkv_bias)
-        self.wk = nn.Linear(dim, num_kv_heads * self.head_dim, bias=qkv_bias)
-        self.wv = nn.Linear(dim, num_kv_heads * self.head_dim, bias=qkv_bias)
+        self.wqkv = nn.Linear(dim, (num_heads + 2 * num_kv_heads) * self.head_dim, bias=qkv_bias)
         if qk_norm:
             self.q_norm = RMSNorm(self.head_dim)
             self.k_norm = RMSNorm(self.head_dim)
@@ -72,35 +76,37 @@ class Attention(nn.Module):
             self.q_norm = self.k_norm = None
         self.proj = nn.Linear(dim, dim, bias=True)
         self.gamma = LayerScale(dim, layer_scale) if layer_scale else None
+        self.register_load_state_dict_pre_hook(_merge_qkv)
+        self.register_state_dict_post_hook(_split_qkv)
 
-    def qkv(self, x: Tensor) -> tuple[Tensor, Tensor, Tensor]:
+    @property
+    def qkv_sizes(self) -> list[int]:
+        """Rows of ``wqkv`` that are the q, k and v projections."""
+        D = self.head_dim
+        return [self.num_heads * D, self.num_kv_heads * D, self.num_kv_heads * D]
+
+    def qkv(self, x: Tensor) -> Tensor:
+        """The packed projection ``(B, N, H + 2 Hkv, D)``."""
         B, N, _ = x.shape
-        q = self.wq(x).view(B, N, self.num_heads, self.head_dim)
-        k = self.wk(x).view(B, N, self.num_kv_heads, self.head_dim)
-        v = self.wv(x).view(B, N, self.num_kv_heads, self.head_dim)
-        return q, k, v
+        return self.wqkv(x).view(B, N, self.num_heads + 2 * self.num_kv_heads, self.head_dim)
 
     def packed_qkv_weight(self) -> tuple[Tensor, Optional[Tensor]]:
-        """``W_qkv (3*dim, dim)`` and its bias: one GEMM for q, k and v reads its input once (MHA only).
-        The concatenation copies the weights (3 dim^2 elements), not activations."""
-        if self.num_kv_heads != self.num_heads:
-            raise ValueError("packed q/k/v projections need num_kv_heads == num_heads")
-        w = torch.cat([self.wq.weight, self.wk.weight, self.wv.weight])
-        b = torch.cat([self.wq.bias, self.wk.bias, self.wv.bias]) if self.wq.bias is not None else None
-        return w, b
+        """``W_qkv ((H + 2 Hkv) * D, dim)`` and its bias (the parameters themselves: no copy)."""
+        return self.wqkv.weight, self.wqkv.bias
 
     def forward(self, x: Tensor, rope: Optional[tuple[Tensor, Tensor]] = None, num_prefix_tokens: int = 0,
                 seq_lens: Optional[Tensor] = None) -> Tensor:
         """Returns the output projection *without* LayerScale (it is fused into the residual add)."""
         B, N, C = x.shape
-        q, k, v = self.qkv(x)
+        qkv = self.qkv(x)
         qw = self.q_norm.weight if self.q_norm is not None else None
         kw = self.k_norm.weight if self.k_norm is not None else None
         # seq_lens values are validated once per forward by the backbone, not once per layer
         if self.fused or qw is None:
-            o = ops.attention(q, k, v, q_norm_weight=qw, k_norm_weight=kw, rope=rope,
-                              num_prefix_tokens=num_prefix_tokens, seq_lens=seq_lens, check_values=False)
+            o = ops.attention_qkv(qkv, self.num_heads, q_norm_weight=qw, k_norm_weight=kw, rope=rope,
+                                  num_prefix_tokens=num_prefix_tokens, seq_lens=seq_lens, check_values=False)
         else:  # unfused path, kept for comparison: QK-norm + RoPE op, then plain attention
+            q, k, v = qkv.split([self.num_heads, self.num_kv_heads, self.num_kv_heads], dim=2)
             sin, cos = rope if rope is not None else (None, None)
             q, k = ops.qk_norm_rope(q, k, qw, kw, sin, cos, num_prefix_tokens)
             o = ops.attention(q, k, v, seq_lens=seq_lens, check_values=False)
@@ -109,6 +115,33 @@ class Attention(nn.Module):
     @property
     def x_scale(self) -> Optional[Tensor]:
         return self.gamma.weight if self.gamma is not None else None
+
+
+_QKV = ("wq", "wk", "wv")
+
+
+def _merge_qkv(module: Attention, state_dict, prefix, *args) -> None:
+    """Load hook: official ``wq`` / ``wk`` / ``wv`` entries become one ``wqkv`` entry (concatenated)."""
+    for p in ("weight", "bias"):
+        keys = [f"{prefix}{m}.{p}" for m in _QKV]
+        if all(k in state_dict for k in keys):
+            state_dict[f"{prefix}wqkv.{p}"] = torch.cat([state_dict.pop(k) for k in keys])
+
+
+def _split_qkv(module: Attention, state_dict, prefix, local_metadata) -> None:
+    """state_dict hook: ``wqkv`` is reported as the official ``wq`` / ``wk`` / ``wv`` entries (row views of
+    it), in the official key order."""
+    keys = {f"{prefix}wqkv.{p}": p for p in ("weight", "bias")}
+    if not any(k in state_dict for k in keys):
+        return
+    items = list(state_dict.items())
+    state_dict.clear()
+    for k, t in items:
+        if k in keys:
+            for m, part in zip(_QKV, t.split(module.qkv_sizes)):
+                state_dict[f"{prefix}{m}.{keys[k]}"] = part
+        else:
+            state_dict[k] = t
 
 
 class Block(nn.Module):

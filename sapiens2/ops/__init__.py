@@ -7,7 +7,9 @@ The backend (reference / triton / cuda) is chosen per call: see ``sapiens2.ops.b
 
 from . import _registry  # noqa: F401  (declares the Triton/CUDA implementations, lazily imported)
 from .attention import attention
+from .attention_packed import attention_qkv
 from .backend import available_backends, current_backend, use_backend
+from .determinism import deterministic, set_deterministic
 from .qk_norm_rope import qk_norm_rope
 from .rms_norm import rms_norm
 from .swiglu import swiglu, swiglu_ffn
@@ -17,12 +19,15 @@ from .window_attention_proj import window_attention_projected
 
 __all__ = [
     "attention",
+    "attention_qkv",
     "available_backends",
     "cls_pool",
     "cls_pool_kv",
     "current_backend",
+    "deterministic",
     "qk_norm_rope",
     "rms_norm",
+    "set_deterministic",
     "swiglu",
     "swiglu_ffn",
     "use_backend",

@@ -94,13 +94,36 @@ def _c(t):
     return None if t is None else t.contiguous()
 
 
+def _heads(t):
+    """A (B, N, heads, D) tensor as the attention kernels take it: as it is when its head rows are
+    contiguous and its batch stride is N tokens (e.g. a slot of a packed qkv), else one copy."""
+    B, N, H, D = t.shape
+    if t.stride(3) == 1 and (H == 1 or t.stride(2) == D) and (B == 1 or t.stride(0) == N * t.stride(1)):
+        return t
+    return t.contiguous()
+
+
 def attention(q, k, v, qw, kw, sin, cos, p, seq_lens, scale, eps):
-    return _kernels("attention").attention_fwd(_c(q), _c(k), _c(v), _c(qw), _c(kw), _c(sin), _c(cos), p, _c(seq_lens), scale, eps)
+    return _kernels("attention").attention_fwd(_heads(q), _heads(k), _heads(v), _c(qw), _c(kw), _c(sin), _c(cos), p,
+                                               _c(seq_lens), scale, eps)
 
 
 def attention_backward(do, q, k, v, o, lse, qw, kw, sin, cos, p, seq_lens, scale, eps, deterministic=False):
-    return _kernels("attention_bwd").attention_bwd(_c(do), _c(q), _c(k), _c(v), _c(o), _c(lse), _c(qw), _c(kw),
-                                                   _c(sin), _c(cos), p, _c(seq_lens), scale, eps, deterministic)
+    return _kernels("attention_bwd").attention_bwd(_c(do), _heads(q), _heads(k), _heads(v), _c(o), _c(lse), _c(qw),
+                                                   _c(kw), _c(sin), _c(cos), p, _c(seq_lens), scale, eps,
+                                                   deterministic)
+
+
+def attention_qkv_backward(do, qkv, o, lse, H, qw, kw, sin, cos, p, seq_lens, scale, eps, deterministic=False):
+    """The kernels read q, k, v from their slots of qkv and write dq, dk, dv into the slots of one dqkv."""
+    from .attention_packed import split_qkv
+
+    qkv = qkv if qkv.is_contiguous() else qkv.contiguous()
+    dqkv = torch.empty(qkv.shape, device=qkv.device, dtype=qkv.dtype)
+    _, _, _, dqw, dkw = _kernels("attention_bwd").attention_bwd(
+        _c(do), *split_qkv(qkv, H), _c(o), _c(lse), _c(qw), _c(kw), _c(sin), _c(cos), p, _c(seq_lens), scale, eps,
+        deterministic, grads_out=split_qkv(dqkv, H))
+    return dqkv, dqw, dkw
 
 
 # Window attention / cls_pool: the launchers read q/k/v-like inputs through row strides, so views of

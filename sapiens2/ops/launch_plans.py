@@ -19,7 +19,6 @@ import torch
 
 from .plan import Plan, nbytes, register_plan
 
-H100_SMS = 132
 T = "triton"
 
 
@@ -32,11 +31,7 @@ def _cdiv(a: int, b: int) -> int:
 
 
 def _sms(t: torch.Tensor) -> int:
-    if t.device.type == "meta":
-        return H100_SMS
-    if t.device.type == "cuda":
-        return torch.cuda.get_device_properties(t.device).multi_processor_count
-    return 8  # the kernels' stand-in for CPU tensors (the interpreter)
+    return _k("_common").sm_count(t.device)
 
 
 def _es(t) -> int:
@@ -82,7 +77,7 @@ def _norm_bwd(dy, dh, x, h, x_scale, weight, rstd, grads, dw_label):
     M, C = _rows(h)
     kr = _k("rms_norm")
     wide = kr.bwd_config(C)[0]
-    P = min(M, 4 * _sms(h)) if M else 1
+    P = _k("_common").reduction_programs(M, h.device) if M else 1
     slabs = 2 if x_scale is not None else 1
     p = Plan()
     part = p.alloc("scratch:part", slabs * P * C * 4)
@@ -532,3 +527,43 @@ def _cls_pool_kv_backward(do, cls_qkv, kv, o, lse, grid_h, grid_w, window, layou
               [("do", nbytes(do)), ("cls_qkv", nbytes(cls_qkv)), ("kv", nbytes(kv)), ("o", nbytes(o)),
                ("lse", nbytes(lse))], [("out0", nbytes(cls_qkv)), ("out1", nbytes(kv))])
     return p
+
+
+# ---------------------------------------------------------------------------------------------- packed attention
+
+
+def _relabel(plan: Plan, names: dict) -> Plan:
+    """The same launches with tensors renamed (several to one: their bytes add, being disjoint slots)."""
+    out = Plan(scratch=dict(plan.scratch))
+    for ln in plan.launches:
+        merged = []
+        for group in (ln.reads, ln.writes):
+            acc: dict = {}
+            for k, b in group:
+                k = names.get(k, k)
+                acc[k] = acc.get(k, 0) + b
+            merged.append(list(acc.items()))
+        out.add(ln.kernel, merged[0], merged[1], ln.flops, ln.matmul)
+    return out
+
+
+@register_plan("sapiens2::attention_qkv", T)
+def _attention_qkv(qkv, num_heads, q_norm_weight, k_norm_weight, sin, cos, num_prefix_tokens, seq_lens, scale,
+                   norm_eps, deterministic=False):
+    from .attention_packed import split_qkv
+
+    q, k, v = split_qkv(qkv, num_heads)
+    return _relabel(_attention(q, k, v, q_norm_weight, k_norm_weight, sin, cos, num_prefix_tokens, seq_lens, scale,
+                               norm_eps, deterministic), {"q": "qkv", "k": "qkv", "v": "qkv"})
+
+
+@register_plan("sapiens2::attention_qkv_backward", T)
+def _attention_qkv_backward(do, qkv, o, lse, num_heads, q_norm_weight, k_norm_weight, sin, cos, num_prefix_tokens,
+                            seq_lens, scale, norm_eps, deterministic=False):
+    from .attention_packed import split_qkv
+
+    q, k, v = split_qkv(qkv, num_heads)
+    plan = _attention_backward(do, q, k, v, o, lse, q_norm_weight, k_norm_weight, sin, cos, num_prefix_tokens,
+                               seq_lens, scale, norm_eps, deterministic)
+    return _relabel(plan, {"q": "qkv", "k": "qkv", "v": "qkv", "out0": "out0", "out1": "out0", "out2": "out0",
+                           "out3": "out1", "out4": "out2"})

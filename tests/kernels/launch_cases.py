@@ -39,6 +39,16 @@ def cases() -> list[tuple[str, str, tuple]]:
         ("attention_backward-deterministic-plain", "attention_backward",
          (do64, q64, k64, _t(B, 33, 2, 64), o64, lse64, None, None, None, None, 0, None, 0.125, 1e-6, True)),
     ]
+    qkv3 = _t(B, N, H + 2 * Hkv, D)  # packed GQA projection: 4 query + 2 key + 2 value heads
+    o3, lse3 = _t(B, N, H, D), _t(B, H, N, dtype=torch.float32)
+    out += [
+        ("attention_qkv-gqa-normrope", "attention_qkv", (qkv3, H, qw, kw, sin16, cos16, P, None, 0.1, 1e-6, False)),
+        ("attention_qkv-plain-lens", "attention_qkv", (qkv3, H, None, None, None, None, 0, lens, 0.1, 1e-6, False)),
+        ("attention_qkv_backward-gqa-normrope", "attention_qkv_backward",
+         (do, qkv3, o3, lse3, H, qw, kw, sin16, cos16, P, None, 0.1, 1e-6, False)),
+        ("attention_qkv_backward-deterministic-plain", "attention_qkv_backward",
+         (do, qkv3, o3, lse3, H, None, None, None, None, 0, None, 0.1, 1e-6, True)),
+    ]
     C = 96
     x, r, w, s = _t(3, 7, C), _t(3, 7, C), _t(C), _t(C)
     rstd = _t(3, 7, dtype=torch.float32).abs() + 0.5

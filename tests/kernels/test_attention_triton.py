@@ -345,3 +345,36 @@ def test_shipped_configs_compile_sm90a():
         assert int(shared) <= 227 * 1024, (name, shared)
         if name.startswith(("attn_fwd", "attn_bwd_kv")) or re.match(r"attn_bwd_dq_bf16", name):
             assert wgmma == "1", name
+
+
+# ----------------------------------------------------------------------------------------------
+# the packed op: q/k/v read from the slots of one projection output, one packed gradient
+
+
+@pytest.mark.parametrize("norm_rope,lens,det", [(True, False, False), (False, True, False), (True, True, True)])
+def test_attention_qkv_equals_unpacked(norm_rope, lens, det):
+    """``attention_qkv`` on a packed (B, N, H + 2 Hkv, D) tensor is ``attention`` on its three slots,
+    forward and backward, bit for bit on the Triton backend (same kernels, strided reads and writes)
+    and on the reference backend; its gradient is one packed tensor."""
+    import sapiens2.ops as ops
+
+    B, N, H, Hkv, D, P = 2, 45, 4, 2, 80, 9
+    g = torch.Generator().manual_seed(7)
+    qkv = torch.randn(B, N, H + 2 * Hkv, D, generator=g).to(BF16)
+    w = [(1 + 0.1 * torch.randn(D, generator=g)).to(BF16) for _ in range(2)] if norm_rope else [None, None]
+    rope = tuple(torch.rand(2, N - P, D, generator=g).to(BF16)) if norm_rope else None
+    seq_lens = torch.tensor([N, 30]) if lens else None
+    do = torch.randn(B, N, H, D, generator=g).to(BF16)
+    kw = dict(q_norm_weight=w[0], k_norm_weight=w[1], rope=rope, num_prefix_tokens=P if norm_rope else 0,
+              seq_lens=seq_lens, deterministic=det)
+    for backend in ("triton", "reference"):
+        with ops.use_backend(backend, strict=backend == "triton"):
+            a = qkv.clone().requires_grad_()
+            o1 = ops.attention_qkv(a, H, **kw)
+            (g1,) = torch.autograd.grad(o1, a, do)
+            b = qkv.clone().requires_grad_()
+            q, k, v = b.split([H, Hkv, Hkv], dim=2)
+            o2 = ops.attention(q, k, v, **kw)
+            (g2,) = torch.autograd.grad(o2, b, do)
+        assert torch.equal(o1, o2) and torch.equal(g1, g2), backend
+        assert g1.shape == qkv.shape and g1.is_contiguous()
