@@ -267,21 +267,28 @@ FLAGS = ((False, False), (True, False), (False, True), (True, True))  # (norm, r
 HEAD_DIMS = (64, 76, 80, 128)
 SCALARS = dict(N="i32", H="i32", G="i32", P="i32", R="i32", HEADS="i32", SIN_BSTRIDE="i32", eps="fp32",
                qk_scale="fp32", scale="fp32", NQ="i32", NK_PARTS="i32", RQ="i32", RK="i32", HKV="i32",
-               NPROG="i32", SX="i32", SQ="i32", SK="i32", SV="i32", SKR="i32", SQR="i32", SDQ="i32", SDK="i32",
+               NPROG="i32", BPART_W="i32", SX="i32", SQ="i32", SK="i32", SV="i32", SKR="i32", SQR="i32", SDQ="i32", SDK="i32",
                SDV="i32")
 
 
 STRIDES = ("SX", "SQ", "SK", "SV", "SKR", "SQR", "SDQ", "SDK", "SDV")
 
 
-def add_config(out: list, name: str, fn, types: dict, constexprs: dict, cfg: dict) -> None:
+def is_real(dt: str, D: int, norm: bool, rope: bool, pt: str) -> bool:
+    """Whether a config is one the Sapiens2 model launches (the CI compile gate's set): bf16, its head
+    dims, the trunk's QK-norm + RoPE prologue (or none, the unfused path) with parameters in bf16. The
+    other flag and dtype combinations are compiled by ``compile_gate --all``."""
+    return dt == "bf16" and D in (64, 76, 80) and norm == rope and pt == dt
+
+
+def add_config(out: list, name: str, fn, types: dict, constexprs: dict, cfg: dict, real: bool = False) -> None:
     sig = signature(fn, {**SCALARS, **types}, constexprs)
     # what the runtime JIT specialises on: torch allocations are 16-byte aligned, and the token strides
     # (heads x D, or (H + 2 Hkv) x D for packed q/k/v) are multiples of 16 at every Sapiens2 shape
     attrs = {(i,): [["tt.divisibility", 16]] for i, a in enumerate(fn.arg_names)
              if sig[a].startswith("*") or a in STRIDES}
     out.append({"name": name, "fn": fn, "signature": sig, "constexprs": constexprs, "attrs": attrs,
-                "num_warps": cfg["num_warps"], "num_stages": cfg["num_stages"]})
+                "num_warps": cfg["num_warps"], "num_stages": cfg["num_stages"], "real": real})
 
 
 def head_dim_constexprs(D: int) -> dict:
@@ -304,11 +311,12 @@ def _fwd_shipped(out: list) -> None:
                                    _attn_fwd_kernel,
                                    dict(Q=x, K=x, V=x, O=x, LSE="*fp32", QW=par, SIN=par, COS=par, SEQ_LENS="*i64"),
                                    dict(hd, HAS_NORM=norm, HAS_ROPE=rope, HAS_LENS=lens, BLOCK_M=cfg["BLOCK_M"],
-                                        BLOCK_N=cfg["BLOCK_N"], PREC="tf32"), cfg)
+                                        BLOCK_N=cfg["BLOCK_N"], PREC="tf32"), cfg, is_real(dt, D, norm, rope, pt))
                     if norm or rope:
                         add_config(out, f"norm_rope_{dt}_d{D}_norm{int(norm)}_rope{int(rope)}_par{pt}", _norm_rope_kernel,
                                    dict(X=x, Y=x, W=par, SIN=par, COS=par),
-                                   dict(hd, HAS_NORM=norm, HAS_ROPE=rope, BLOCK_R=ROW_BLOCK["BLOCK_R"]), ROW_BLOCK)
+                                   dict(hd, HAS_NORM=norm, HAS_ROPE=rope, BLOCK_R=ROW_BLOCK["BLOCK_R"]), ROW_BLOCK,
+                                   is_real(dt, D, norm, rope, pt))
 
 
 def _shipped_configs() -> list:

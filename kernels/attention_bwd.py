@@ -50,7 +50,7 @@ import triton.language as tl
 
 from ._common import INTERPRET as _INTERPRET
 from ._common import as_operand, store_val
-from .attention import FLAGS, HEAD_DIMS, add_config, head_dim_constexprs, prec, token_stride
+from .attention import FLAGS, HEAD_DIMS, add_config, head_dim_constexprs, is_real, prec, token_stride
 from .attention_prologue import (LOG2E, last_program, ld, prologue_bwd_tile, prologue_rows, seq_len, split_head_dim,
                                  store_cols, store_rows, sum_rows, tables)
 
@@ -115,13 +115,15 @@ def _bwd_prep_kernel(O, DO, DELTA, DQ_ACC, Q, QP, QW, K, KP, KW, SIN, COS, SEQ_L
 
 
 @triton.jit
-def _bwd_kv_kernel(Q, K, V, DO, LSE, DELTA, DK, DV, DQ_ACC, SEQ_LENS, KRAW, KW, SIN, COS, DW_PART,
-                   N, H, G, P, SIN_BSTRIDE, SQ, SK, SV, SKR, SDK, SDV, eps, qk_scale, scale,
+def _bwd_kv_kernel(Q, K, V, DO, LSE, DELTA, DK, DV, DQ_ACC, SEQ_LENS, KRAW, KW, SIN, COS, DW_PART, BPART,
+                   N, H, G, P, SIN_BSTRIDE, SQ, SK, SV, SKR, SDK, SDV, eps, qk_scale, scale, BPART_W,
                    D: tl.constexpr, D0: tl.constexpr, D1: tl.constexpr, HAS_D1: tl.constexpr,
                    HAS_LENS: tl.constexpr, ATOMIC_DQ: tl.constexpr, HAS_NORM: tl.constexpr, HAS_ROPE: tl.constexpr,
-                   BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, PREC: tl.constexpr, INTERPRET: tl.constexpr):
+                   BIAS: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, PREC: tl.constexpr,
+                   INTERPRET: tl.constexpr):
     """dK, dV of one key block of one KV head, summed over the G query heads of its group; with
-    ATOMIC_DQ also every query block's ``dS Kp`` added into DQ_ACC (fp32, unscaled)."""
+    ATOMIC_DQ also every query block's ``dS Kp`` added into DQ_ACC (fp32, unscaled); with BIAS the
+    column sums of this block's dk and dv go to row ``b * n_blocks + block`` of BPART (k, then v)."""
     DTYPE: tl.constexpr = Q.dtype.element_ty
     pid_n = tl.program_id(0)
     pid_bk = tl.program_id(1)
@@ -194,8 +196,12 @@ def _bwd_kv_kernel(Q, K, V, DO, LSE, DELTA, DK, DV, DQ_ACC, SEQ_LENS, KRAW, KW, 
                                   mask=m1m, sem="relaxed")
     # rows of dK/dV are independent: keys past seq_len are zeroed here
     rm = offs_n < N
-    store_rows(DV, tok_n * SDV + hk * D, rm, tl.where(nmask[:, None], dv0, 0.0), tl.where(nmask[:, None], dv1, 0.0),
-               D, D0, D1, HAS_D1, INTERPRET)
+    dv0 = tl.where(nmask[:, None], dv0, 0.0)
+    dv1 = tl.where(nmask[:, None], dv1, 0.0)
+    store_rows(DV, tok_n * SDV + hk * D, rm, dv0, dv1, D, D0, D1, HAS_D1, INTERPRET)
+    if BIAS:  # dv's column sums now, so that the dv tile is dead during dk's epilogue (registers)
+        brow = BPART + (b * tl.num_programs(0) + pid_n).to(tl.int64) * BPART_W
+        store_cols(brow + (HKV + hk) * D, 0, tl.sum(dv0, axis=0), tl.sum(dv1, axis=0), D, D0, D1, HAS_D1)
     dk0 = tl.where(nmask[:, None], dk0 * scale, 0.0)
     dk1 = tl.where(nmask[:, None], dk1 * scale, 0.0)
     if HAS_NORM or HAS_ROPE:
@@ -205,6 +211,8 @@ def _bwd_kv_kernel(Q, K, V, DO, LSE, DELTA, DK, DV, DQ_ACC, SEQ_LENS, KRAW, KW, 
         if HAS_NORM:
             store_cols(DW_PART, pid_bk * tl.num_programs(0) + pid_n, dw0, dw1, D, D0, D1, HAS_D1)
     store_rows(DK, tok_n * SDK + hk * D, rm, dk0, dk1, D, D0, D1, HAS_D1, INTERPRET)
+    if BIAS:
+        store_cols(brow + hk * D, 0, tl.sum(dk0, axis=0), tl.sum(dk1, axis=0), D, D0, D1, HAS_D1)
 
 
 # ----------------------------------------------------------------------------------------------
@@ -227,40 +235,49 @@ def _finish_weight_grads(DW_PART, COUNTER, DKW, DQW, NK_PARTS, N_PARTS, total,
 
 
 @triton.jit
-def _bwd_dq_finalize_kernel(DQ_ACC, DQ, QRAW, QW, SIN, COS, DW_PART, COUNTER, DKW, DQW,
-                            RQ, N, H, P, SIN_BSTRIDE, SQR, SDQ, eps, scale, NK_PARTS,
+def _bwd_dq_finalize_kernel(DQ_ACC, DQ, QRAW, QW, SIN, COS, DW_PART, COUNTER, DKW, DQW, BPART,
+                            N, H, P, SIN_BSTRIDE, SQR, SDQ, eps, scale, NK_PARTS, BPART_W,
                             D: tl.constexpr, D0: tl.constexpr, D1: tl.constexpr, HAS_D1: tl.constexpr,
-                            HAS_NORM: tl.constexpr, HAS_ROPE: tl.constexpr, BLOCK_R: tl.constexpr,
-                            INTERPRET: tl.constexpr):
-    """dq = prologue_bwd(scale * DQ_ACC) over the flattened q rows, persistent (pid, pid + nprog, ...)."""
-    pid = tl.program_id(0)
-    nprog = tl.num_programs(0)
-    c0 = tl.arange(0, D0)
-    c1 = D0 + tl.arange(0, D1)
+                            HAS_NORM: tl.constexpr, HAS_ROPE: tl.constexpr, BIAS: tl.constexpr,
+                            BLOCK_T: tl.constexpr, BLOCK_R: tl.constexpr, INTERPRET: tl.constexpr):
+    """dq = prologue_bwd(scale * DQ_ACC) for BLOCK_T tokens of one head (``BLOCK_R`` rows at a time);
+    with BIAS, the column sums of these dq rows go to row ``b * n_blocks + block`` of BPART."""
+    pid_t = tl.program_id(0)
+    pid_bh = tl.program_id(1)
+    n_t = tl.num_programs(0)
+    b = pid_bh // H
+    h = pid_bh % H
     w0 = tl.zeros([D0], dtype=tl.float32)
     w1 = tl.zeros([D1], dtype=tl.float32)
-    for blk in range(pid, tl.cdiv(RQ, BLOCK_R), nprog):
-        r = blk * BLOCK_R + tl.arange(0, BLOCK_R)
-        rmask = r < RQ
-        row = r.to(tl.int64) * D
-        tok = (r // H).to(tl.int64)  # b * N + n
-        hd = (r % H) * D
+    s0 = tl.zeros([D0], dtype=tl.float32)
+    s1 = tl.zeros([D1], dtype=tl.float32)
+    c0 = tl.arange(0, D0)
+    c1 = D0 + tl.arange(0, D1)
+    for t0 in range(0, BLOCK_T, BLOCK_R):
+        n = pid_t * BLOCK_T + t0 + tl.arange(0, BLOCK_R)
+        rmask = n < N
+        tok = (b * N + n).to(tl.int64)
+        row = (tok * H + h) * D  # the accumulator: contiguous (B, N, H, D)
         g0 = tl.load(DQ_ACC + row[:, None] + c0[None, :], mask=rmask[:, None], other=0.0) * scale
         if HAS_D1:
             g1 = tl.load(DQ_ACC + row[:, None] + c1[None, :], mask=rmask[:, None] & (c1[None, :] < D), other=0.0) * scale
         else:
             g1 = tl.zeros([BLOCK_R, D1], dtype=tl.float32)
         if HAS_NORM or HAS_ROPE:
-            n = (r // H) % N
-            b = r // (H * N)
             srow = b.to(tl.int64) * SIN_BSTRIDE + (n - P).to(tl.int64) * D
-            g0, g1, dw0, dw1 = prologue_bwd_tile(g0, g1, QRAW, tok * SQR + hd, n, rmask, QW, SIN, COS, srow, P, eps,
+            g0, g1, dw0, dw1 = prologue_bwd_tile(g0, g1, QRAW, tok * SQR + h * D, n, rmask, QW, SIN, COS, srow, P, eps,
                                                  D, D0, D1, HAS_D1, HAS_NORM, HAS_ROPE, INTERPRET)
             w0 += dw0
             w1 += dw1
-        store_rows(DQ, tok * SDQ + hd, rmask, g0, g1, D, D0, D1, HAS_D1, INTERPRET)
+        store_rows(DQ, tok * SDQ + h * D, rmask, g0, g1, D, D0, D1, HAS_D1, INTERPRET)
+        if BIAS:
+            s0 += tl.sum(g0, axis=0)
+            s1 += tl.sum(g1, axis=0)
+    if BIAS:
+        store_cols(BPART + (b * n_t + pid_t).to(tl.int64) * BPART_W + h * D, 0, s0, s1, D, D0, D1, HAS_D1)
     if HAS_NORM:
-        store_cols(DW_PART, NK_PARTS + pid, w0, w1, D, D0, D1, HAS_D1)
+        nprog = n_t * tl.num_programs(1)
+        store_cols(DW_PART, NK_PARTS + pid_bh * n_t + pid_t, w0, w1, D, D0, D1, HAS_D1)
         _finish_weight_grads(DW_PART, COUNTER, DKW, DQW, NK_PARTS, NK_PARTS + nprog, nprog,
                              D, D0, D1, HAS_D1, INTERPRET)
 
@@ -298,10 +315,10 @@ def _dq_inner(dq0, dq1, q0, q1, do0, do1, lse2, dl, K, V, k_base, k_stride, v_ba
 
 
 @triton.jit
-def _bwd_dq_kernel(Q, K, V, DO, LSE, DELTA, DQ, SEQ_LENS, QRAW, QW, SIN, COS, DW_PART, COUNTER, DKW, DQW,
-                   N, H, G, P, SIN_BSTRIDE, SQ, SK, SV, SQR, SDQ, eps, qk_scale, scale, NK_PARTS,
+def _bwd_dq_kernel(Q, K, V, DO, LSE, DELTA, DQ, SEQ_LENS, QRAW, QW, SIN, COS, DW_PART, COUNTER, DKW, DQW, BPART,
+                   N, H, G, P, SIN_BSTRIDE, SQ, SK, SV, SQR, SDQ, eps, qk_scale, scale, NK_PARTS, BPART_W,
                    D: tl.constexpr, D0: tl.constexpr, D1: tl.constexpr, HAS_D1: tl.constexpr,
-                   HAS_LENS: tl.constexpr, HAS_NORM: tl.constexpr, HAS_ROPE: tl.constexpr,
+                   HAS_LENS: tl.constexpr, HAS_NORM: tl.constexpr, HAS_ROPE: tl.constexpr, BIAS: tl.constexpr,
                    BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, PREC: tl.constexpr, INTERPRET: tl.constexpr):
     """Deterministic dQ of one query block of one head (recomputing S and dP), with the prologue's
     backward in its epilogue."""
@@ -356,6 +373,10 @@ def _bwd_dq_kernel(Q, K, V, DO, LSE, DELTA, DQ, SEQ_LENS, QRAW, QW, SIN, COS, DW
             _finish_weight_grads(DW_PART, COUNTER, DKW, DQW, NK_PARTS, NK_PARTS + nprog, nprog,
                                  D, D0, D1, HAS_D1, INTERPRET)
     store_rows(DQ, tok_m * SDQ + h * D, rmask, dq0, dq1, D, D0, D1, HAS_D1, INTERPRET)
+    if BIAS:  # rows past N (and past seq_len) are zero
+        brow = BPART + (b * tl.num_programs(0) + pid_m).to(tl.int64) * BPART_W + h * D
+        store_cols(brow, 0, tl.sum(tl.where(rmask[:, None], dq0, 0.0), axis=0),
+                   tl.sum(tl.where(rmask[:, None], dq1, 0.0), axis=0), D, D0, D1, HAS_D1)
 
 
 # ----------------------------------------------------------------------------------------------
@@ -380,20 +401,20 @@ def bwd_config(D: int, dtype: torch.dtype, norm: bool = True, rope: bool = True)
 
 
 PREP_BLOCK = dict(BLOCK_R=32, num_warps=8, num_stages=1)
-FINALIZE_BLOCK = dict(BLOCK_R=16, num_warps=8, num_stages=1)  # g, x, sin/cos and the permutation live at once
-MAX_FINALIZE_PROGRAMS = 264  # 2 per H100 SM: the last program's reduction reads at most 264 q partials
-
-
-def finalize_programs(rows: int) -> int:
-    return max(1, min(triton.cdiv(rows, FINALIZE_BLOCK["BLOCK_R"]), MAX_FINALIZE_PROGRAMS))
+# the dQ finalize: one program per (BLOCK_T tokens, head), 16 rows at a time (g, x, sin/cos and the gathers
+# live at once); BLOCK_T is the main kernel's key block, so both write bias partial rows b * n + block
+FINALIZE_BLOCK = dict(BLOCK_R=16, num_warps=8, num_stages=1)
 
 
 def attention_bwd(do, q, k, v, o, lse, q_norm_weight, k_norm_weight, sin, cos, num_prefix_tokens, seq_lens, scale,
-                  norm_eps, deterministic: bool = False, grads_out=None):
+                  norm_eps, deterministic: bool = False, grads_out=None, bias_grad: bool = False):
     """``(dq, dk, dv, dq_norm_weight, dk_norm_weight)``; the last two ``q.new_empty(0)`` without norms.
 
     q, k, v may be token-strided views (the slots of one packed qkv); ``grads_out``: optional
-    (dq, dk, dv) views to write into (the slots of a packed dqkv); do and o are contiguous."""
+    (dq, dk, dv) views to write into (the slots of a packed dqkv); do and o are contiguous.
+    ``bias_grad``: also return the column sums of (dq | dk | dv) per head, ``((H + 2 Hkv) * D,)`` in q's
+    dtype (the packed q/k/v projection's bias gradient), from per-program partial sums the kernels
+    write beside their outputs and two column-sum launches."""
     B, N, H, D = q.shape
     Hkv = k.shape[2]
     G = H // Hkv
@@ -413,10 +434,10 @@ def attention_bwd(do, q, k, v, o, lse, q_norm_weight, k_norm_weight, sin, cos, n
     RQ, RK = B * N * H, B * N * Hkv
     cfg = bwd_config(D, q.dtype, has_norm, has_rope)
     kvc, dqc = cfg["kv"], cfg["dq"]
-    kv_grid = (triton.cdiv(N, kvc["BLOCK_N"]), B * Hkv)
-    nq_final = finalize_programs(RQ)
-    n_kparts = kv_grid[0] * kv_grid[1]
-    n_qparts = triton.cdiv(N, dqc["BLOCK_M"]) * B * H if deterministic else nq_final
+    n_kb = triton.cdiv(N, kvc["BLOCK_N"])
+    n_qb = triton.cdiv(N, dqc["BLOCK_M"]) if deterministic else n_kb  # query blocks of the dQ programs
+    n_kparts = n_kb * B * Hkv
+    n_qparts = n_qb * B * H
 
     # scratch (allocations only: every element is written by a kernel before it is read)
     delta = torch.empty((B, H, N), device=q.device, dtype=torch.float32)
@@ -425,6 +446,8 @@ def attention_bwd(do, q, k, v, o, lse, q_norm_weight, k_norm_weight, sin, cos, n
     kp = torch.empty(k.shape, device=k.device, dtype=k.dtype) if prologue else k
     counter = torch.empty(1, device=q.device, dtype=torch.int32)
     parts = torch.empty((n_kparts + n_qparts, D), device=q.device, dtype=torch.float32) if has_norm else dummy
+    bq = torch.empty((B * n_qb, H * D), device=q.device, dtype=torch.float32) if bias_grad else dummy
+    bkv = torch.empty((B * n_kb, 2 * Hkv * D), device=q.device, dtype=torch.float32) if bias_grad else dummy
     if grads_out is None:
         new = lambda t: torch.empty(t.shape, device=t.device, dtype=t.dtype)  # noqa: E731
         grads_out = (new(q), new(k), new(v))
@@ -444,30 +467,39 @@ def attention_bwd(do, q, k, v, o, lse, q_norm_weight, k_norm_weight, sin, cos, n
         BLOCK_R=PREP_BLOCK["BLOCK_R"], num_warps=PREP_BLOCK["num_warps"], num_stages=PREP_BLOCK["num_stages"],
     )
     # 2. dK, dV (+ dQ atomics), k's prologue backward in the epilogue
-    _bwd_kv_kernel[kv_grid](
-        qp, kp, v, do, lse, delta, dk, dv, dq_acc, lens, k, kw, sin_, cos_, parts,
+    _bwd_kv_kernel[(n_kb, B * Hkv)](
+        qp, kp, v, do, lse, delta, dk, dv, dq_acc, lens, k, kw, sin_, cos_, parts, bkv,
         N, H, G, p, sin_bstride, sqp, skp, sv, sk, token_stride(dk), token_stride(dv), eps, qk_scale, scale,
-        **hd, HAS_LENS=has_lens, ATOMIC_DQ=not deterministic, HAS_NORM=has_norm, HAS_ROPE=has_rope,
+        2 * Hkv * D,
+        **hd, HAS_LENS=has_lens, ATOMIC_DQ=not deterministic, HAS_NORM=has_norm, HAS_ROPE=has_rope, BIAS=bias_grad,
         BLOCK_M=kvc["BLOCK_M"], BLOCK_N=kvc["BLOCK_N"], PREC=prec(q.dtype),
         num_warps=kvc["num_warps"], num_stages=kvc["num_stages"],
     )
     # 3. dQ, q's prologue backward, the weight gradients
     if deterministic:
-        _bwd_dq_kernel[(triton.cdiv(N, dqc["BLOCK_M"]), B * H)](
-            qp, kp, v, do, lse, delta, dq, lens, q, qw, sin_, cos_, parts, counter, dkw, dqw,
-            N, H, G, p, sin_bstride, sqp, skp, sv, sq, token_stride(dq), eps, qk_scale, scale, n_kparts,
-            **hd, HAS_LENS=has_lens, HAS_NORM=has_norm, HAS_ROPE=has_rope,
+        _bwd_dq_kernel[(n_qb, B * H)](
+            qp, kp, v, do, lse, delta, dq, lens, q, qw, sin_, cos_, parts, counter, dkw, dqw, bq,
+            N, H, G, p, sin_bstride, sqp, skp, sv, sq, token_stride(dq), eps, qk_scale, scale, n_kparts, H * D,
+            **hd, HAS_LENS=has_lens, HAS_NORM=has_norm, HAS_ROPE=has_rope, BIAS=bias_grad,
             BLOCK_M=dqc["BLOCK_M"], BLOCK_N=dqc["BLOCK_N"], PREC=prec(q.dtype),
             num_warps=dqc["num_warps"], num_stages=dqc["num_stages"],
         )
     else:
-        _bwd_dq_finalize_kernel[(nq_final,)](
-            dq_acc, dq, q, qw, sin_, cos_, parts, counter, dkw, dqw,
-            RQ, N, H, p, sin_bstride, sq, token_stride(dq), eps, scale, n_kparts,
-            **hd, HAS_NORM=has_norm, HAS_ROPE=has_rope, BLOCK_R=FINALIZE_BLOCK["BLOCK_R"],
-            num_warps=FINALIZE_BLOCK["num_warps"], num_stages=FINALIZE_BLOCK["num_stages"],
+        _bwd_dq_finalize_kernel[(n_kb, B * H)](
+            dq_acc, dq, q, qw, sin_, cos_, parts, counter, dkw, dqw, bq,
+            N, H, p, sin_bstride, sq, token_stride(dq), eps, scale, n_kparts, H * D,
+            **hd, HAS_NORM=has_norm, HAS_ROPE=has_rope, BIAS=bias_grad, BLOCK_T=kvc["BLOCK_N"],
+            BLOCK_R=FINALIZE_BLOCK["BLOCK_R"], num_warps=FINALIZE_BLOCK["num_warps"],
+            num_stages=FINALIZE_BLOCK["num_stages"],
         )
-    return dq, dk, dv, dqw, dkw
+    if not bias_grad:
+        return dq, dk, dv, dqw, dkw
+    from .column_sum import column_sum
+
+    db = torch.empty((H + 2 * Hkv) * D, device=q.device, dtype=q.dtype)
+    column_sum(bq[None], q.dtype, outs=(db[:H * D],))
+    column_sum(bkv[None], q.dtype, outs=(db[H * D:],))
+    return dq, dk, dv, dqw, dkw, db
 
 
 # ----------------------------------------------------------------------------------------------
@@ -485,25 +517,33 @@ def shipped_bwd_configs(out: list) -> None:
                     par = "*" + pt
                     tag = f"{dt}_d{D}_norm{int(norm)}_rope{int(rope)}_par{pt}"
                     flags = dict(HAS_NORM=norm, HAS_ROPE=rope)
+                    real = is_real(dt, D, norm, rope, pt)
                     add_config(out, f"attn_bwd_prep_{tag}", _bwd_prep_kernel,
                                dict(O=x, DO=x, DELTA=f32, DQ_ACC=f32, Q=x, QP=x, QW=par, K=x, KP=x, KW=par, SIN=par,
                                     COS=par, SEQ_LENS=i64, COUNTER="*i32"),
-                               dict(hd, **flags, HAS_LENS=True, ZERO_DQ=True, BLOCK_R=PREP_BLOCK["BLOCK_R"]), PREP_BLOCK)
+                               dict(hd, **flags, HAS_LENS=True, ZERO_DQ=True, BLOCK_R=PREP_BLOCK["BLOCK_R"]), PREP_BLOCK,
+                               real)
                     for lens in (False, True):
-                        for atomic in (True, False):
-                            c = cfg["kv"]
-                            add_config(out, f"attn_bwd_kv_{tag}_lens{int(lens)}_atomic{int(atomic)}", _bwd_kv_kernel,
-                                       dict(Q=x, K=x, V=x, DO=x, LSE=f32, DELTA=f32, DK=x, DV=x, DQ_ACC=f32,
-                                            SEQ_LENS=i64, KRAW=x, KW=par, SIN=par, COS=par, DW_PART=f32),
-                                       dict(hd, **flags, HAS_LENS=lens, ATOMIC_DQ=atomic, BLOCK_M=c["BLOCK_M"],
-                                            BLOCK_N=c["BLOCK_N"], PREC="tf32"), c)
-                        c = cfg["dq"]
-                        add_config(out, f"attn_bwd_dq_{tag}_lens{int(lens)}", _bwd_dq_kernel,
-                                   dict(Q=x, K=x, V=x, DO=x, LSE=f32, DELTA=f32, DQ=x, SEQ_LENS=i64, QRAW=x, QW=par,
-                                        SIN=par, COS=par, DW_PART=f32, COUNTER="*i32", DKW=par, DQW=par),
-                                   dict(hd, **flags, HAS_LENS=lens, BLOCK_M=c["BLOCK_M"], BLOCK_N=c["BLOCK_N"],
-                                        PREC="tf32"), c)
-                    add_config(out, f"attn_bwd_dq_finalize_{tag}", _bwd_dq_finalize_kernel,
-                               dict(DQ_ACC=f32, DQ=x, QRAW=x, QW=par, SIN=par, COS=par, DW_PART=f32, COUNTER="*i32",
-                                    DKW=par, DQW=par),
-                               dict(hd, **flags, BLOCK_R=FINALIZE_BLOCK["BLOCK_R"]), FINALIZE_BLOCK)
+                        for bias in (False, True):
+                            for atomic in (True, False):
+                                c = cfg["kv"]
+                                add_config(out, f"attn_bwd_kv_{tag}_lens{int(lens)}_atomic{int(atomic)}_bias{int(bias)}",
+                                           _bwd_kv_kernel,
+                                           dict(Q=x, K=x, V=x, DO=x, LSE=f32, DELTA=f32, DK=x, DV=x, DQ_ACC=f32,
+                                                SEQ_LENS=i64, KRAW=x, KW=par, SIN=par, COS=par, DW_PART=f32, BPART=f32,
+                                                BPART_W="i32"),
+                                           dict(hd, **flags, HAS_LENS=lens, ATOMIC_DQ=atomic, BIAS=bias,
+                                                BLOCK_M=c["BLOCK_M"], BLOCK_N=c["BLOCK_N"], PREC="tf32"), c, real)
+                            c = cfg["dq"]
+                            add_config(out, f"attn_bwd_dq_{tag}_lens{int(lens)}_bias{int(bias)}", _bwd_dq_kernel,
+                                       dict(Q=x, K=x, V=x, DO=x, LSE=f32, DELTA=f32, DQ=x, SEQ_LENS=i64, QRAW=x, QW=par,
+                                            SIN=par, COS=par, DW_PART=f32, COUNTER="*i32", DKW=par, DQW=par, BPART=f32,
+                                            BPART_W="i32"),
+                                       dict(hd, **flags, HAS_LENS=lens, BIAS=bias, BLOCK_M=c["BLOCK_M"],
+                                            BLOCK_N=c["BLOCK_N"], PREC="tf32"), c, real)
+                    for bias in (False, True):
+                        add_config(out, f"attn_bwd_dq_finalize_{tag}_bias{int(bias)}", _bwd_dq_finalize_kernel,
+                                   dict(DQ_ACC=f32, DQ=x, QRAW=x, QW=par, SIN=par, COS=par, DW_PART=f32, COUNTER="*i32",
+                                        DKW=par, DQW=par, BPART=f32, BPART_W="i32"),
+                                   dict(hd, **flags, BIAS=bias, BLOCK_T=cfg["kv"]["BLOCK_N"],
+                                        BLOCK_R=FINALIZE_BLOCK["BLOCK_R"]), FINALIZE_BLOCK, real)

@@ -40,14 +40,16 @@ def _column_sum_kernel(PART, OUT0, OUT1, R, C, BLOCK_R: tl.constexpr, BLOCK_C: t
         tl.store(OUT1 + c, store_val(acc, OUT1.dtype.element_ty, INTERPRET), mask=cm)
 
 
-def column_sum(part: torch.Tensor, *dtypes: torch.dtype) -> tuple[torch.Tensor, ...]:
+def column_sum(part: torch.Tensor, *dtypes: torch.dtype, outs=None) -> tuple[torch.Tensor, ...]:
     """``part`` (S, R, C) fp32 contiguous, S = 1 or 2 -> S tensors (C,): each slab summed over its rows,
-    slab ``i`` in ``dtypes[i]`` (one dtype for all when one is given)."""
+    slab ``i`` in ``dtypes[i]`` (one dtype for all when one is given), or into the contiguous ``outs``."""
     assert part.dtype == torch.float32 and part.is_contiguous() and part.dim() == 3 and part.shape[0] in (1, 2), \
         "column_sum takes a contiguous fp32 (1 or 2, rows, columns) buffer"
     S, R, C = part.shape
     dts = dtypes * S if len(dtypes) == 1 else dtypes
-    outs = [torch.empty(C, device=part.device, dtype=dt) for dt in dts]
+    if outs is None:
+        outs = [torch.empty(C, device=part.device, dtype=dt) for dt in dts]
+    assert len(outs) == S and all(o.shape == (C,) and o.is_contiguous() for o in outs)
     if C:
         _column_sum_kernel[(triton.cdiv(C, BLOCK_C), S)](part, outs[0], outs[-1], R, C, BLOCK_R=BLOCK_R,
                                                          BLOCK_C=BLOCK_C, INTERPRET=INTERPRET, num_warps=4)

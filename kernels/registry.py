@@ -37,7 +37,7 @@ def _build() -> list[dict]:
         out += [_tag(c, "qk_norm_rope", bf16 and "D=128" not in c["name"]) for c in qk_norm_rope.shipped_configs((dt,))]
     for module, mod in (("attention", attention), ("window_attention", window_attention)):
         for c in mod.SHIPPED_CONFIGS:
-            out.append(_tag(dict(c), module, "fp16" not in c["name"] and "_d128_" not in c["name"]))
+            out.append(_tag(dict(c), module, c.get("real", "fp16" not in c["name"] and "_d128_" not in c["name"])))
     return out
 
 

@@ -1,69 +1,78 @@
-"""Attention at the real Sapiens2 shapes: FLOPs, HBM bytes and roofline-bound H100 time of our
-kernel (true head dim) beside flash-attention / FlexAttention run on padded head dims.
+"""Attention at the real Sapiens2 shapes: FLOPs executed, HBM bytes and H100 roofline time of our
+kernels beside flash-attention 2 and FlexAttention, each counted from its launch plan by the same
+rules (``sapiens2/ops/plan.py``).
 
-Libraries that only support fixed head dims pad 76 (5B) and 80 (0.8B): flash-attention 2/3
-(supported dims 64, 96, 128, ...) to 96, FlexAttention (power-of-two tiles) to 128. Padding
-costs twice: the matmuls run on the padded dim, and q, k, v must be copied into padded buffers
-(and the output sliced back) around the call. Counted the same way for every side: forward reads
-q, k, v once and writes o and the fp32 log-sum-exp; backward reads q, k, v, o, dO, lse and
-writes dq, dk, dv (FLOPs: 2.5x forward, recomputation included, as PyTorch counts SDPA).
+Each library gets its native layout and real tiles: ours and flash-attn take ``(B, N, H, D)``
+(flash-attn pads a head dim to a multiple of 8 with copies: 76 -> 80, and runs its 96-wide template
+for 80), FlexAttention any strides with no copies (the head dim padded to a power of two in
+registers: 76 and 80 compute 128). Ours keeps the true head dim in memory and tiles 76/80 as
+64 + 16. Backward GEMMs: ours 5 (dQ by atomics) or 7 (deterministic), flash-attn 5, FlexAttention 7.
 """
 
 from __future__ import annotations
 
-from .device import H100_SXM, roofline_seconds
+import torch
 
-BF16 = 2
-
-
-def ours_tile_dim(D: int) -> int:
-    """Head dim our kernel's tensor-core tiles cover: a power-of-two tile plus a 16-wide remainder
-    tile (76 -> 64 + 16), so only the tiles are padded, never memory."""
-    if D & (D - 1) == 0:
-        return D
-    return (1 << (D.bit_length() - 1)) + ((D - (1 << (D.bit_length() - 1)) + 15) // 16) * 16
+from .device import H100_SXM
 
 
-def padded_dim(D: int, library: str) -> int:
-    if library == "ours":
-        return ours_tile_dim(D)
-    if library in ("flash-attn", "flash-attn-3"):
-        return next(d for d in (32, 64, 96, 128, 160, 192, 224, 256) if d >= D)
-    if library == "flex-attention":
-        return 1 << (D - 1).bit_length()
-    raise ValueError(f"unknown library {library!r}")
+def _totals(plan) -> dict:
+    flops = sum(ln.flops for ln in plan.launches)
+    nbytes = sum(ln.bytes_read + ln.bytes_written for ln in plan.launches)
+    t = sum(max(ln.flops / H100_SXM.bf16_flops, (ln.bytes_read + ln.bytes_written) / H100_SXM.hbm_bytes_per_s)
+            for ln in plan.launches)
+    return {"flops": flops, "bytes": nbytes, "roofline_s": t, "kernels": len(plan.launches)}
+
+
+def our_plans(B: int, N: int, H: int, Hkv: int, D: int, deterministic: bool = False):
+    from ..ops.plan import plan_for
+
+    m = dict(device="meta", dtype=torch.bfloat16)
+    q, k, v = torch.empty(B, N, H, D, **m), torch.empty(B, N, Hkv, D, **m), torch.empty(B, N, Hkv, D, **m)
+    o, lse = torch.empty(B, N, H, D, **m), torch.empty(B, H, N, device="meta")
+    args = (None, None, None, None, 0, None, D ** -0.5, 1e-6)
+    fwd = plan_for("sapiens2::attention", "triton")(q, k, v, *args, deterministic)
+    bwd = plan_for("sapiens2::attention_backward", "triton")(o, q, k, v, o, lse, *args, deterministic)
+    return fwd, bwd
 
 
 def attention_cost(B: int, N: int, H: int, Hkv: int, D: int, library: str = "ours") -> dict:
-    Dp = padded_dim(D, library)
-    fwd_flops = 4 * B * H * N * N * Dp
-    q, kv, lse = B * N * H * Dp * BF16, B * N * Hkv * Dp * BF16, B * H * N * 4
-    fwd_bytes = q + 2 * kv + q + lse  # read q, k, v; write o, lse
-    bwd_bytes = (q + 2 * kv + q + q + lse) + (q + 2 * kv)  # read q, k, v, o, dO, lse; write dq, dk, dv
-    pad_bytes = 0
-    if library == "ours":  # tiles are padded in registers only: memory holds the true head dim
-        q, kv = B * N * H * D * BF16, B * N * Hkv * D * BF16
-        fwd_bytes = q + 2 * kv + q + lse
-        bwd_bytes = (q + 2 * kv + q + q + lse) + (q + 2 * kv)
-    elif Dp != D:  # copy q, k, v into padded buffers and slice the output back (and the grads in backward)
-        true_q, true_kv = B * N * H * D * BF16, B * N * Hkv * D * BF16
-        pad_fwd = (true_q + 2 * true_kv) + (q + 2 * kv) + q + true_q
-        pad_bytes = pad_fwd * 2
-    return {
-        "library": library, "B": B, "N": N, "H": H, "Hkv": Hkv, "D": D, "D_computed": Dp,
-        "fwd_flops": fwd_flops, "fwd_bytes": fwd_bytes + pad_bytes // 2,
-        "bwd_flops": fwd_flops * 5 // 2, "bwd_bytes": bwd_bytes + pad_bytes // 2,
-        "fwd_roofline_s": roofline_seconds(fwd_flops, fwd_bytes + pad_bytes // 2, H100_SXM),
-        "bwd_roofline_s": roofline_seconds(fwd_flops * 5 // 2, bwd_bytes + pad_bytes // 2, H100_SXM),
-    }
+    from .plans_official import flash_attn_plans, flash_head_dim, flex_plans
+
+    if library == "ours":
+        fwd, bwd = our_plans(B, N, H, Hkv, D)
+        from ..ops.launch_plans import _tile_d
+
+        tiles = _tile_d(D)
+    elif library == "ours-deterministic":
+        fwd, bwd = our_plans(B, N, H, Hkv, D, deterministic=True)
+        from ..ops.launch_plans import _tile_d
+
+        tiles = _tile_d(D)
+    elif library == "flash-attn":
+        fwd, bwd = flash_attn_plans(B, N, H, Hkv, D)
+        tiles = flash_head_dim(D)
+    elif library == "flex-attention":
+        fwd, bwd = flex_plans(B, N, H, Hkv, D)
+        tiles = 1 << (D - 1).bit_length()
+    else:
+        raise ValueError(f"unknown library {library!r}")
+    f, b = _totals(fwd), _totals(bwd)
+    return {"library": library, "B": B, "N": N, "H": H, "Hkv": Hkv, "D": D, "D_in_tiles": tiles,
+            "fwd_flops": f["flops"], "fwd_bytes": f["bytes"], "fwd_kernels": f["kernels"], "fwd_roofline_s": f["roofline_s"],
+            "bwd_flops": b["flops"], "bwd_bytes": b["bytes"], "bwd_kernels": b["kernels"], "bwd_roofline_s": b["roofline_s"],
+            "bwd_over_fwd_flops": b["flops"] / f["flops"]}
+
+
+SHAPES = [("sapiens2_0.4b", 16, 8, 64), ("sapiens2_0.8b", 16, 8, 80), ("sapiens2_5b", 32, 16, 76)]
+LIBRARIES = ("ours", "ours-deterministic", "flash-attn", "flex-attention")
 
 
 def attention_table(N: int = 3081, B: int = 8) -> list[dict]:
-    """One row per (variant head dim, library) at N tokens: the real Sapiens2 attention shapes."""
-    shapes = [("sapiens2_0.4b", 16, 8, 64), ("sapiens2_0.8b", 16, 8, 80), ("sapiens2_5b", 32, 16, 76)]
+    """One row per (variant head dim, library) at N tokens, GQA ratio 2 (the GQA layers' shapes)."""
     rows = []
-    for arch, H, Hkv, D in shapes:
-        for lib in ("ours", "flash-attn", "flex-attention"):
+    for arch, H, Hkv, D in SHAPES:
+        for lib in LIBRARIES:
             r = attention_cost(B, N, H, Hkv, D, lib)
             r["arch"] = arch
             rows.append(r)

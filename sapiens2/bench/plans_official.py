@@ -138,3 +138,56 @@ def _flash_bwd(do, q, k, v, o, lse, scale):
         p.add("aten.sum", [(dk_x, B * S * H * D * es)], [("out1", nbytes(k))])
         p.add("aten.sum", [(dv_x, B * S * H * D * es)], [("out2", nbytes(v))])
     return p
+
+
+# ---------------------------------------------------------------------------------------------- the attention baselines
+
+
+def flash_attn_plans(B: int, N: int, H: int, Hkv: int, D: int, es: int = 2) -> tuple[Plan, Plan]:
+    """FlashAttention-2 as ``flash_attn_func`` runs it on its native ``(B, N, H, D)`` layout (no
+    contiguity copies): it pads a head dim that is not a multiple of 8 with copies of q, k, v (and dO
+    in backward) and slices the outputs (views); the kernels as in the SDPA-flash plans above."""
+    import torch
+
+    Dp = _round(D, 8)
+    meta = dict(device="meta", dtype=torch.bfloat16 if es == 2 else torch.float32)
+    # (B, H, N, D)-shaped views of (B, N, H, D) memory, as flash-attn holds them
+    q = torch.empty(B, N, H, Dp, **meta).transpose(1, 2)
+    k = torch.empty(B, N, Hkv, Dp, **meta).transpose(1, 2)
+    v = torch.empty(B, N, Hkv, Dp, **meta).transpose(1, 2)
+    o = torch.empty(B, N, H, Dp, **meta).transpose(1, 2)
+    lse = torch.empty(B, H, N, device="meta")
+    fwd, bwd = Plan(), Plan()
+    if Dp != D:
+        for name, t in (("q", q), ("k", k), ("v", v)):
+            fwd.add("aten.constant_pad_nd", [(name, nbytes(t) * D // Dp)], [(f"{name}_padded", nbytes(t))])
+        bwd.add("aten.constant_pad_nd", [("do", nbytes(o) * D // Dp)], [("do_padded", nbytes(o))])
+    fwd.launches += _flash_fwd(q, k, v, D ** -0.5).launches
+    bwd.launches += _flash_bwd(o, q, k, v, o, lse, D ** -0.5).launches
+    return fwd, bwd
+
+
+# FlexAttention's default tiles on an H100 (torch/_inductor/kernel/flex: _get_default_config_fwd/_bwd):
+# the head dim is padded in registers to the next power of two (masked loads, no copies)
+def _flex_tiles(Dr: int) -> tuple[tuple[int, int], tuple[int, int]]:
+    fwd = (128, 128) if Dr == 64 else (128, 64)
+    bwd = (64, 64) if Dr == 64 else (64, 128)
+    return fwd, bwd
+
+
+def flex_plans(B: int, N: int, H: int, Hkv: int, D: int, es: int = 2) -> tuple[Plan, Plan]:
+    """FlexAttention (compiled, no mask): one forward template kernel; backward a fused rowsum(dO * O)
+    kernel (delta) and one template kernel whose programs compute either dQ for a query block
+    (recomputing S and dP: 3 GEMMs) or dK, dV for a key block over the G heads of its group (4 GEMMs):
+    7 GEMMs in all, no atomics. Any strides: no copies. FLOPs at the padded head dim's tiles."""
+    Dr = 1 << (D - 1).bit_length()
+    (fm, fn), (bm, bn) = _flex_tiles(Dr)
+    q, kv, o, lse = B * N * H * D * es, B * N * Hkv * D * es, B * N * H * D * es, B * H * N * 4
+    fwd, bwd = Plan(), Plan()
+    fwd.add("flex:flex_attention", [("q", q), ("k", kv), ("v", kv)], [("out0", o), ("out1", lse)],
+            B * H * _cdiv(N, fm) * _cdiv(N, fn) * 4 * fm * fn * Dr, matmul=True)
+    bwd.add("flex:delta_reduction", [("o", o), ("do", o)], [("delta", lse)])
+    gemm = 2 * bm * bn * Dr * B * H * _cdiv(N, bm) * _cdiv(N, bn)
+    bwd.add("flex:flex_attention_backward", [("q", q), ("k", kv), ("v", kv), ("do", o), ("lse", lse), ("delta", lse)],
+            [("dq", q), ("dk", kv), ("dv", kv)], 7 * gemm, matmul=True)
+    return fwd, bwd

@@ -98,15 +98,16 @@ class Attention(nn.Module):
                 seq_lens: Optional[Tensor] = None) -> Tensor:
         """Returns the output projection *without* LayerScale (it is fused into the residual add)."""
         B, N, C = x.shape
-        qkv = self.qkv(x)
         qw = self.q_norm.weight if self.q_norm is not None else None
         kw = self.k_norm.weight if self.k_norm is not None else None
         # seq_lens values are validated once per forward by the backbone, not once per layer
         if self.fused or qw is None:
-            o = ops.attention_qkv(qkv, self.num_heads, q_norm_weight=qw, k_norm_weight=kw, rope=rope,
-                                  num_prefix_tokens=num_prefix_tokens, seq_lens=seq_lens, check_values=False)
+            # projection + attention: the bias gradient comes from the attention kernels' partial sums
+            o = ops.attention_projected(x, self.wqkv.weight, self.wqkv.bias, self.num_heads, q_norm_weight=qw,
+                                        k_norm_weight=kw, rope=rope, num_prefix_tokens=num_prefix_tokens,
+                                        seq_lens=seq_lens, check_values=False)
         else:  # unfused path, kept for comparison: QK-norm + RoPE op, then plain attention
-            q, k, v = qkv.split([self.num_heads, self.num_kv_heads, self.num_kv_heads], dim=2)
+            q, k, v = self.qkv(x).split([self.num_heads, self.num_kv_heads, self.num_kv_heads], dim=2)
             sin, cos = rope if rope is not None else (None, None)
             q, k = ops.qk_norm_rope(q, k, qw, kw, sin, cos, num_prefix_tokens)
             o = ops.attention(q, k, v, seq_lens=seq_lens, check_values=False)

@@ -8,6 +8,7 @@ The backend (reference / triton / cuda) is chosen per call: see ``sapiens2.ops.b
 from . import _registry  # noqa: F401  (declares the Triton/CUDA implementations, lazily imported)
 from .attention import attention
 from .attention_packed import attention_qkv
+from .attention_projected import attention_projected
 from .backend import available_backends, current_backend, use_backend
 from .determinism import deterministic, set_deterministic
 from .qk_norm_rope import qk_norm_rope
@@ -19,6 +20,7 @@ from .window_attention_proj import window_attention_projected
 
 __all__ = [
     "attention",
+    "attention_projected",
     "attention_qkv",
     "available_backends",
     "cls_pool",

@@ -114,16 +114,18 @@ def attention_backward(do, q, k, v, o, lse, qw, kw, sin, cos, p, seq_lens, scale
                                                    deterministic)
 
 
-def attention_qkv_backward(do, qkv, o, lse, H, qw, kw, sin, cos, p, seq_lens, scale, eps, deterministic=False):
-    """The kernels read q, k, v from their slots of qkv and write dq, dk, dv into the slots of one dqkv."""
+def attention_qkv_backward(do, qkv, o, lse, H, qw, kw, sin, cos, p, seq_lens, scale, eps, deterministic=False,
+                           bias_grad=False):
+    """The kernels read q, k, v from their slots of qkv and write dq, dk, dv into the slots of one dqkv
+    (and with ``bias_grad`` per-program column sums of them, finished by two column-sum launches)."""
     from .attention_packed import split_qkv
 
     qkv = qkv if qkv.is_contiguous() else qkv.contiguous()
     dqkv = torch.empty(qkv.shape, device=qkv.device, dtype=qkv.dtype)
-    _, _, _, dqw, dkw = _kernels("attention_bwd").attention_bwd(
+    out = _kernels("attention_bwd").attention_bwd(
         _c(do), *split_qkv(qkv, H), _c(o), _c(lse), _c(qw), _c(kw), _c(sin), _c(cos), p, _c(seq_lens), scale, eps,
-        deterministic, grads_out=split_qkv(dqkv, H))
-    return dqkv, dqw, dkw
+        deterministic, grads_out=split_qkv(dqkv, H), bias_grad=bias_grad)
+    return dqkv, out[3], out[4], (out[5] if bias_grad else qkv.new_empty(0))
 
 
 # Window attention / cls_pool: the launchers read q/k/v-like inputs through row strides, so views of

@@ -74,24 +74,32 @@ def _attention_qkv_backward(
     scale: float,
     norm_eps: float,
     deterministic: bool = False,
-) -> tuple[Tensor, Tensor, Tensor]:
-    """Returns (dqkv packed like qkv, dq_norm_weight, dk_norm_weight); the last two empty without norms."""
+    bias_grad: bool = False,
+) -> tuple[Tensor, Tensor, Tensor, Tensor]:
+    """Returns (dqkv packed like qkv, dq_norm_weight, dk_norm_weight, dbias); the norm-weight gradients
+    are empty without norms; ``dbias`` ((H + 2 Hkv) * D,) in qkv's dtype is the column sums of dqkv (the
+    packed projection's bias gradient) with ``bias_grad``, empty otherwise."""
     q, k, v = split_qkv(qkv, num_heads)
     impl = backend.select("attention_qkv_backward", qkv, unsupported=kernel_limits(qkv.shape[-1]))
     if impl != "reference":
         return impl(do, qkv, o, lse, num_heads, q_norm_weight, k_norm_weight, sin, cos, num_prefix_tokens, seq_lens,
-                    scale, norm_eps, deterministic)
+                    scale, norm_eps, deterministic, bias_grad)
     dq, dk, dv, dqw, dkw = _attention_bwd_ref(do, q, k, v, q_norm_weight, k_norm_weight, sin, cos, num_prefix_tokens,
                                               seq_lens, scale, norm_eps, o, lse)
-    return torch.cat([dq.to(qkv.dtype), dk.to(qkv.dtype), dv.to(qkv.dtype)], dim=2), dqw, dkw
+    dqkv = torch.cat([dq.to(qkv.dtype), dk.to(qkv.dtype), dv.to(qkv.dtype)], dim=2)
+    acc = stat_dtype(qkv)
+    db = (torch.cat([dq.to(acc), dk.to(acc), dv.to(acc)], dim=2).reshape(-1, qkv.shape[2] * qkv.shape[3]).sum(0)
+          .to(qkv.dtype) if bias_grad else qkv.new_empty(0))
+    return dqkv, dqw, dkw, db
 
 
 @_attention_qkv_backward.register_fake
 def _(do, qkv, o, lse, num_heads, q_norm_weight, k_norm_weight, sin, cos, num_prefix_tokens, seq_lens, scale,
-      norm_eps, deterministic=False):
+      norm_eps, deterministic=False, bias_grad=False):
+    db = qkv.new_empty(qkv.shape[2] * qkv.shape[3]) if bias_grad else qkv.new_empty(0)
     if q_norm_weight is None:
-        return qkv.new_empty(qkv.shape), qkv.new_empty(0), qkv.new_empty(0)
-    return qkv.new_empty(qkv.shape), torch.empty_like(q_norm_weight), torch.empty_like(k_norm_weight)
+        return qkv.new_empty(qkv.shape), qkv.new_empty(0), qkv.new_empty(0), db
+    return qkv.new_empty(qkv.shape), torch.empty_like(q_norm_weight), torch.empty_like(k_norm_weight), db
 
 
 def _setup(ctx, inputs, output):
@@ -106,8 +114,8 @@ def _autograd(ctx, do, _dlse):
     qkv, qw, kw, sin, cos, seq_lens, o, lse = ctx.saved_tensors
     H, p, scale, eps, deterministic = ctx.meta
     do = torch.zeros_like(o) if do is None else do
-    dqkv, dqw, dkw = torch.ops.sapiens2.attention_qkv_backward(do.contiguous(), qkv, o, lse, H, qw, kw, sin, cos, p,
-                                                               seq_lens, scale, eps, deterministic)
+    dqkv, dqw, dkw, _ = torch.ops.sapiens2.attention_qkv_backward(do.contiguous(), qkv, o, lse, H, qw, kw, sin, cos,
+                                                                  p, seq_lens, scale, eps, deterministic)
     if not ctx.has_norm:
         dqw = dkw = None
     return dqkv, None, dqw, dkw, None, None, None, None, None, None, None
@@ -124,7 +132,7 @@ def _flop(qkv, num_heads, *args, out_val=None, **kwargs) -> int:
 
 @register_flop_formula(torch.ops.sapiens2.attention_qkv_backward, get_raw=True)
 def _bwd_flop(do, qkv, o, lse, num_heads, qw, kw, sin, cos, p, seq_lens, scale, eps, deterministic=False,
-              *args, out_val=None, **kwargs) -> int:
+              bias_grad=False, *args, out_val=None, **kwargs) -> int:
     B, N, _, D = qkv.shape
     return attention_backward_flops(B, N, num_heads, D, bool(deterministic))
 

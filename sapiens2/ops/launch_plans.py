@@ -293,11 +293,10 @@ def _attention(q, k, v, q_norm_weight, k_norm_weight, sin, cos, num_prefix_token
 
 @register_plan("sapiens2::attention_backward", T)
 def _attention_backward(do, q, k, v, o, lse, q_norm_weight, k_norm_weight, sin, cos, num_prefix_tokens, seq_lens,
-                        scale, norm_eps, deterministic=False):
+                        scale, norm_eps, deterministic=False, bias_grad=False):
     kb = _k("attention_bwd")
     B, N, H, D = q.shape
     Hkv = k.shape[2]
-    G = H // Hkv
     es = _es(q)
     has_norm, has_rope = q_norm_weight is not None, sin is not None
     prologue = has_norm or has_rope
@@ -305,10 +304,10 @@ def _attention_backward(do, q, k, v, o, lse, q_norm_weight, k_norm_weight, sin, 
     cfg = kb.bwd_config(D, q.dtype, has_norm, has_rope)
     kvc, dqc = cfg["kv"], cfg["dq"]
     Dt = _tile_d(D)
-    n_kparts = _cdiv(N, kvc["BLOCK_N"]) * B * Hkv
+    n_kb = _cdiv(N, kvc["BLOCK_N"])
+    n_qb = _cdiv(N, dqc["BLOCK_M"]) if deterministic else n_kb
+    n_kparts, n_qparts = n_kb * B * Hkv, n_qb * B * H
     RQ = B * N * H
-    n_final = kb.finalize_programs(RQ)
-    n_qparts = _cdiv(N, dqc["BLOCK_M"]) * B * H if deterministic else n_final
     lens_read = [("seq_lens", nbytes(seq_lens))] if seq_lens is not None else []
     p = Plan()
     delta = p.alloc("scratch:delta", B * H * N * 4)
@@ -317,6 +316,8 @@ def _attention_backward(do, q, k, v, o, lse, q_norm_weight, k_norm_weight, sin, 
     qp = p.alloc("scratch:q_prologue", nbytes(q)) if prologue else "q"
     kp = p.alloc("scratch:k_prologue", nbytes(k)) if prologue else "k"
     parts = p.alloc("scratch:norm_weight_parts", (n_kparts + n_qparts) * D * 4) if has_norm else None
+    bq = p.alloc("scratch:bias_parts_q", B * n_qb * H * D * 4) if bias_grad else None
+    bkv = p.alloc("scratch:bias_parts_kv", B * n_kb * 2 * Hkv * D * 4) if bias_grad else None
     wq = [("q_norm_weight", nbytes(q_norm_weight))] if has_norm else []
     wk = [("k_norm_weight", nbytes(k_norm_weight))] if has_norm else []
     tables = _sincos(sin, cos, B)
@@ -341,43 +342,46 @@ def _attention_backward(do, q, k, v, o, lse, q_norm_weight, k_norm_weight, sin, 
         reads.append((acc, qr * H * D * 4))
     if prologue:
         reads += [("k", nbytes(k))] + wk + tables
-    writes = ([(acc, qr * H * D * 4)] if acc else []) + [("out1", nbytes(k)), ("out2", nbytes(v))]
+    writes = [("out1", nbytes(k)), ("out2", nbytes(v))] + ([(acc, qr * H * D * 4)] if acc else [])
     if has_norm:
         writes.append((parts, n_kparts * D * 4))
+    if bias_grad:
+        writes.append((bkv, B * n_kb * 2 * Hkv * D * 4))
     pairs = sum(_cdiv(L_, kvc["BLOCK_N"]) * _cdiv(L_, kvc["BLOCK_M"]) for L_ in lengths) * H
-    gemms = 4 if deterministic else 5
-    p.add("triton:attention_bwd._bwd_kv_kernel", reads, _order_kv_writes(writes, acc, parts),
-          pairs * gemms * 2 * kvc["BLOCK_M"] * kvc["BLOCK_N"] * Dt, matmul=True)
+    p.add("triton:attention_bwd._bwd_kv_kernel", reads, writes,
+          pairs * (4 if deterministic else 5) * 2 * kvc["BLOCK_M"] * kvc["BLOCK_N"] * Dt, matmul=True)
 
     # 3. dQ
+    finish = []  # the last program's reads and writes of the norm-weight partials
+    if has_norm:
+        finish = [(parts, (n_kparts + n_qparts) * D * 4), (counter, 4)]
     if deterministic:
-        m_rows = _visited_rows(lengths, dqc["BLOCK_M"], N)
         reads = lens_read + [(qp, nbytes(q)), (kp, sum(lengths) * Hkv * D * es), ("v", sum(lengths) * Hkv * D * es),
                              ("do", nbytes(do))]
         if prologue:
             reads += [("q", nbytes(q))] + wq
-        reads += [("lse", B * H * N * 4), (delta, B * H * N * 4)] + (tables if prologue else [])
-        writes = []
+        reads += [("lse", B * H * N * 4), (delta, B * H * N * 4)] + (tables if prologue else []) + finish
+        writes = [("out0", nbytes(q))]
         if has_norm:
-            reads += [(parts, (n_kparts + n_qparts) * D * 4), (counter, 4)]
-            writes += [(parts, n_qparts * D * 4), (counter, 4)]
-        writes += [("out0", nbytes(q))]
-        if has_norm:
-            writes += [("out4", nbytes(k_norm_weight)), ("out3", nbytes(q_norm_weight))]
+            writes += [(parts, n_qparts * D * 4), (counter, 4), ("out4", nbytes(k_norm_weight)),
+                       ("out3", nbytes(q_norm_weight))]
+        if bias_grad:
+            writes.append((bq, B * n_qb * H * D * 4))
         pairs = sum(_cdiv(L_, dqc["BLOCK_N"]) * _cdiv(L_, dqc["BLOCK_M"]) for L_ in lengths) * H
-        del m_rows
         p.add("triton:attention_bwd._bwd_dq_kernel", reads, writes,
               pairs * 3 * 2 * dqc["BLOCK_M"] * dqc["BLOCK_N"] * Dt, matmul=True)
     else:
-        reads = [(acc, RQ * D * 4)]
-        if prologue:
-            reads += [("q", nbytes(q))] + wq + tables
+        reads = [(acc, RQ * D * 4)] + ([("q", nbytes(q))] + wq + tables if prologue else []) + finish
         writes = [("out0", nbytes(q))]
         if has_norm:
-            reads += [(parts, (n_kparts + n_qparts) * D * 4), (counter, 4)]
-            writes = [("out0", nbytes(q)), (parts, n_qparts * D * 4), (counter, 4),
-                      ("out4", nbytes(k_norm_weight)), ("out3", nbytes(q_norm_weight))]
+            writes += [(parts, n_qparts * D * 4), (counter, 4), ("out4", nbytes(k_norm_weight)),
+                       ("out3", nbytes(q_norm_weight))]
+        if bias_grad:
+            writes.append((bq, B * n_qb * H * D * 4))
         p.add("triton:attention_bwd._bwd_dq_finalize_kernel", reads, writes)
+    if bias_grad:
+        p.add("triton:column_sum._column_sum_kernel", [(bq, B * n_qb * H * D * 4)], [("out5", H * D * es)])
+        p.add("triton:column_sum._column_sum_kernel", [(bkv, B * n_kb * 2 * Hkv * D * 4)], [("out5", 2 * Hkv * D * es)])
     return p
 
 
@@ -559,11 +563,11 @@ def _attention_qkv(qkv, num_heads, q_norm_weight, k_norm_weight, sin, cos, num_p
 
 @register_plan("sapiens2::attention_qkv_backward", T)
 def _attention_qkv_backward(do, qkv, o, lse, num_heads, q_norm_weight, k_norm_weight, sin, cos, num_prefix_tokens,
-                            seq_lens, scale, norm_eps, deterministic=False):
+                            seq_lens, scale, norm_eps, deterministic=False, bias_grad=False):
     from .attention_packed import split_qkv
 
     q, k, v = split_qkv(qkv, num_heads)
     plan = _attention_backward(do, q, k, v, o, lse, q_norm_weight, k_norm_weight, sin, cos, num_prefix_tokens,
-                               seq_lens, scale, norm_eps, deterministic)
+                               seq_lens, scale, norm_eps, deterministic, bias_grad)
     return _relabel(plan, {"q": "qkv", "k": "qkv", "v": "qkv", "out0": "out0", "out1": "out0", "out2": "out0",
-                           "out3": "out1", "out4": "out2"})
+                           "out3": "out1", "out4": "out2", "out5": "out3"})

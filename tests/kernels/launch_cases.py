@@ -48,6 +48,10 @@ def cases() -> list[tuple[str, str, tuple]]:
          (do, qkv3, o3, lse3, H, qw, kw, sin16, cos16, P, None, 0.1, 1e-6, False)),
         ("attention_qkv_backward-deterministic-plain", "attention_qkv_backward",
          (do, qkv3, o3, lse3, H, None, None, None, None, 0, None, 0.1, 1e-6, True)),
+        ("attention_qkv_backward-bias-normrope", "attention_qkv_backward",
+         (do, qkv3, o3, lse3, H, qw, kw, sin16, cos16, P, None, 0.1, 1e-6, False, True)),
+        ("attention_qkv_backward-bias-deterministic-lens", "attention_qkv_backward",
+         (do, qkv3, o3, lse3, H, qw, kw, sin, cos, P, lens, 0.1, 1e-6, True, True)),
     ]
     C = 96
     x, r, w, s = _t(3, 7, C), _t(3, 7, C), _t(C), _t(C)

@@ -378,3 +378,40 @@ def test_attention_qkv_equals_unpacked(norm_rope, lens, det):
             (g2,) = torch.autograd.grad(o2, b, do)
         assert torch.equal(o1, o2) and torch.equal(g1, g2), backend
         assert g1.shape == qkv.shape and g1.is_contiguous()
+
+
+@pytest.mark.parametrize("det", [False, True])
+def test_attention_projected_bias_gradient(det):
+    """The projected form (packed q/k/v GEMM + attention, the bias gradient from the attention kernels'
+    partial sums) against float64 under the tolerance rule, with the plain composition (``F.linear``
+    whose backward sums dqkv for the bias) as the low-precision reference."""
+    import torch.nn.functional as F
+
+    import sapiens2.ops as ops
+
+    B, N, H, Hkv, D, P = 2, 45, 4, 2, 64, 9
+    C = H * D
+    g = torch.Generator().manual_seed(11)
+    x = torch.randn(B, N, C, generator=g)
+    w = torch.randn((H + 2 * Hkv) * D, C, generator=g) * C ** -0.5
+    b = torch.randn((H + 2 * Hkv) * D, generator=g)
+    qw, kw = 1 + 0.1 * torch.randn(D, generator=g), 1 + 0.1 * torch.randn(D, generator=g)
+    sin, cos = torch.rand(2, N - P, D, generator=g)
+    do = torch.randn(B, N, H, D, generator=g)
+
+    def run(dtype, projected):
+        ts = [t.to(dtype).requires_grad_() for t in (x, w, b, qw, kw)]
+        kw_ = dict(q_norm_weight=ts[3], k_norm_weight=ts[4], rope=(sin, cos), num_prefix_tokens=P, deterministic=det)
+        if projected:
+            o = ops.attention_projected(ts[0], ts[1], ts[2], H, **kw_)
+        else:
+            o = ops.attention_qkv(F.linear(ts[0], ts[1], ts[2]).view(B, N, H + 2 * Hkv, D), H, **kw_)
+        return [o] + list(torch.autograd.grad(o, ts, do.to(dtype)))
+
+    with ops.use_backend("reference"):
+        exact = run(torch.float64, False)
+        low = run(BF16, False)
+    with ops.use_backend("triton", strict=True):
+        got = run(BF16, True)
+    for name, e, lo, gt in zip(["o", "dx", "dw", "db", "dqw", "dkw"], exact, low, got):
+        _check(name, gt, e.double(), lo, BF16)
