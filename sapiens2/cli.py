@@ -251,10 +251,12 @@ def build_parser() -> argparse.ArgumentParser:
 
 
 def main(argv=None) -> int:
+    from .extras import MissingExtra
+
     args = build_parser().parse_args(argv)
     try:
         return args.func(args)
-    except (ValueError, TypeError, FileNotFoundError) as e:
+    except (ValueError, TypeError, FileNotFoundError, MissingExtra) as e:
         print(f"sapiens2: error: {e}", file=sys.stderr)
         return 2
 

@@ -55,3 +55,15 @@ def test_bench_quick_writes_report(tmp_path, capsys):
         assert (out / name).exists() and (out / name).stat().st_size > 0, name
     text = (out / "report.md").read_text()
     assert "Scaling" in text and "Cost model" in text and "sm_90a" in text
+
+
+def test_missing_extra_names_the_extra(monkeypatch, capsys):
+    """`sapiens2 bench` without its optional packages says which extra installs them, no traceback."""
+    import sys
+
+    from sapiens2.cli import main
+
+    monkeypatch.setitem(sys.modules, "tqdm", None)  # makes `import tqdm` fail as if not installed
+    assert main(["bench", "--quick", "--only", "flops", "--out", "/tmp/sapiens2-no-extra"]) == 2
+    err = capsys.readouterr().err
+    assert "pip install 'sapiens2[bench]'" in err and "tqdm" in err and "Traceback" not in err

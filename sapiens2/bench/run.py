@@ -12,8 +12,7 @@ from __future__ import annotations
 import os
 import time
 
-from tqdm import tqdm
-
+from ..extras import require
 from .report import Report
 
 
@@ -69,6 +68,8 @@ def run(out_dir: str = "bench-report", quick: bool = False, only: list[str] | No
     rep = Report(out_dir, "sapiens2 benchmark report" + (" (quick)" if quick else ""))
     t0 = time.time()
     chosen = [(n, f) for n, f in SECTIONS if not only or n in only]
+    tqdm = require("tqdm", "bench", "sapiens2 bench").tqdm
+    require("matplotlib", "bench", "sapiens2 bench")  # the report's plots
     for name, fn in tqdm(chosen, desc="sapiens2 bench", unit="section", disable=None):
         fn(rep, quick)
     rep.note(f"_Generated in {time.time() - t0:.1f} s on {_machine()}._")

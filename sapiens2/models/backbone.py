@@ -172,6 +172,23 @@ class Sapiens2Backbone(nn.Module):
             if ids.shape[1] > 1 and bool((ids[:, 1:] <= ids[:, :-1]).any()):
                 raise ValueError("visible_ids must be sorted and unique in each row")
 
+    def check_inputs(self, images: Optional[Tensor] = None, visible_ids: Optional[Tensor] = None,
+                     seq_lens: Optional[Tensor] = None, num_tokens: Optional[int] = None) -> None:
+        """Validate inputs eagerly, values included (one device sync), before a compiled region: inside
+        ``torch.compile`` the forward checks shapes and dtypes only, since a data-dependent check there
+        would break the graph and sync every call. ``seq_lens`` are checked against ``num_tokens``
+        (prefix tokens included), as ``forward_tokens`` takes them."""
+        if images is not None:
+            if images.dim() != 4 or images.shape[1] != self.in_channels:
+                raise ValueError(f"images must be (B, {self.in_channels}, H, W), got shape {tuple(images.shape)}")
+            (_, _), (th, tw) = self.grids(images.shape[2], images.shape[3])
+            if visible_ids is not None:
+                self._check_visible(visible_ids, images.shape[0], th * tw, images.device)
+        if seq_lens is not None:
+            if num_tokens is None:
+                raise ValueError("num_tokens (prefix tokens included) is needed to check seq_lens")
+            check_seq_lens(seq_lens, seq_lens.shape[0], int(num_tokens), seq_lens)
+
     def rope_tables(self, th: int, tw: int, visible_ids: Optional[Tensor] = None) -> tuple[Tensor, Tensor]:
         sin, cos = self.rope_embed(th, tw)
         if visible_ids is not None:

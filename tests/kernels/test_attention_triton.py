@@ -335,7 +335,7 @@ def test_shipped_configs_compile_sm90a():
     import sys
 
     env = {k: v for k, v in os.environ.items() if k != "TRITON_INTERPRET"}
-    pattern = r"_bf16_d\d+_norm1_rope1_parbf16(_lens1(_atomic[01])?)?$"
+    pattern = r"_bf16_d\d+_norm1_rope1_parbf16(_lens1(_atomic[01])?)?(_bias1)?$"
     out = subprocess.run([sys.executable, "-c", _AOT_SCRIPT, pattern], env=env, capture_output=True, text=True)
     assert out.returncode == 0, out.stderr[-3000:]
     rows = [line.split() for line in out.stdout.splitlines()]
