@@ -9,6 +9,12 @@ For each tiny config it builds the official module as it is (float32, never cast
 parameter random values large enough that every path matters, runs one input, and stores the
 weights (``model.*``), the input and the official raw outputs with bf16 RoPE (the official
 default) and fp32 RoPE, as safetensors.
+
+The real-width configs (the 0.1B and 0.4B widths with a few layers, one of them GQA through the
+official ``layer_cfgs``, and the 4K tokenizer at width 768) would need tens of MB of weights: their
+weights and input come from seeds (``tests/parity_weights.py``, numpy's frozen stream, shared with
+the tests) and the fixture stores the parameter list, the seeds, the RoPE periods buffer and the
+outputs only.
 """
 
 from __future__ import annotations
@@ -16,6 +22,7 @@ from __future__ import annotations
 import argparse
 import importlib.util
 import os
+import sys
 
 import torch
 from safetensors.torch import save_file
@@ -35,6 +42,47 @@ CONFIGS = {
         (128, 192),
     ),
 }
+
+
+# real widths: name -> (arch_zoo entry, kwargs, image, layers that are GQA via layer_cfgs)
+SEEDED = {
+    "w768_gqa": (dict(embed_dims=768, num_layers=3, num_heads=12, feedforward_channels=768 * 4,
+                      num_tokenizer_layers=2), dict(use_tokenizer=False), (128, 96), (1,)),
+    "w1024_gqa": (dict(embed_dims=1024, num_layers=3, num_heads=16, feedforward_channels=1024 * 4,
+                       num_tokenizer_layers=2), dict(use_tokenizer=False), (128, 96), (1,)),
+    "w768_tokenizer": (dict(embed_dims=768, num_layers=3, num_heads=12, feedforward_channels=768 * 4,
+                            num_tokenizer_layers=2), dict(use_tokenizer=True), (256, 192), (1,)),
+}
+
+
+def make_seeded(Official, name, zoo, kwargs, img, gqa_layers, out_dir, seed):
+    import json
+
+    sys.path.insert(0, os.path.join(os.path.dirname(os.path.abspath(__file__)), "..", "tests"))
+    from parity_weights import image, weights
+
+    Official.arch_zoo[name] = zoo
+    H = zoo["num_heads"]
+    layer_cfgs = [{"num_kv_heads": H // 2} if i in gqa_layers else {} for i in range(zoo["num_layers"])]
+    outputs, names, periods = {}, None, None
+    x = image((2, 3, *img), seed + 1)
+    for rope in ("bf16", "fp32"):
+        torch.manual_seed(0)
+        model = Official(arch=name, img_size=img, pos_embed_rope_dtype=rope, layer_cfgs=layer_cfgs, **kwargs).eval()
+        sd = model.state_dict()
+        if names is None:
+            names = [(k, list(v.shape)) for k, v in sd.items() if k != "rope_embed.periods"]
+            periods = sd["rope_embed.periods"]
+        w = weights(names, seed)
+        w["rope_embed.periods"] = periods  # the bf16 run's buffer, as a checkpoint carries it
+        model.load_state_dict(w)
+        with torch.no_grad():
+            outputs[f"output.rope_{rope}"] = model(x)[0].contiguous()
+    path = os.path.join(out_dir, f"parity_{name}.safetensors")
+    meta = {"arch": repr(zoo), "kwargs": repr(kwargs), "img_size": repr(img), "gqa_layers": repr(gqa_layers),
+            "params": json.dumps(names), "weight_seed": str(seed), "image_seed": str(seed + 1)}
+    save_file({"rope_embed.periods": periods.contiguous(), **outputs}, path, metadata=meta)
+    print(f"wrote {path}: {len(names)} seeded parameters, output {tuple(outputs['output.rope_bf16'].shape)}")
 
 
 def load_official(path: str):
@@ -65,6 +113,8 @@ def main() -> None:
     args = ap.parse_args()
     Official = load_official(args.official)
     os.makedirs(args.out, exist_ok=True)
+    for i, (name, (zoo, kwargs, img, gqa)) in enumerate(SEEDED.items()):
+        make_seeded(Official, name, zoo, kwargs, img, gqa, args.out, seed=300 + 2 * i)
     for i, (name, (zoo, kwargs, img)) in enumerate(CONFIGS.items()):
         Official.arch_zoo[name] = zoo  # a custom size, added the way the zoo defines sizes
         outputs = {}

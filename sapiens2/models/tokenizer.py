@@ -32,6 +32,27 @@ from .. import ops
 from .layers import Block, settle
 
 
+class _AddContiguous(torch.autograd.Function):
+    """``x + pos`` written contiguous whatever x's strides, in the one add kernel. The patch embedding's
+    ``(B, L, C)`` output is a channel-strided view of the conv output: the kernels and the norms read
+    whole rows (a copy otherwise), and a norm over a strided row rounds differently from the official
+    code's, which normalises contiguous window rows. Backward: dx is the gradient itself, dpos its sum
+    over the broadcast dimensions (what autograd's add does)."""
+
+    @staticmethod
+    def forward(ctx, x, pos):
+        ctx.pos_shape = pos.shape
+        out = x.new_empty(x.shape)
+        torch.add(x, pos, out=out)
+        return out
+
+    @staticmethod
+    def backward(ctx, g):
+        lead = g.dim() - len(ctx.pos_shape)  # broadcasting aligns trailing dimensions
+        dims = list(range(lead)) + [lead + i for i, n in enumerate(ctx.pos_shape) if n == 1 and g.shape[lead + i] != 1]
+        return g, g.sum(dims).reshape(ctx.pos_shape) if ctx.needs_input_grad[1] else None
+
+
 class WindowTokenizer(nn.Module):
     def __init__(self, dim: int, num_heads: int, num_layers: int, window: int = 4, ffn_ratio: int = 4,
                  checkpoint: bool = True):
@@ -64,8 +85,10 @@ class WindowTokenizer(nn.Module):
         gh, gw = grid_hw
         pos = self.local_pos_embed[0, 1:]
         if layout == "grid":
-            return (x.reshape(B, gh // w, w, gw // w, w, C) + pos.view(1, 1, w, 1, w, C)).reshape(B, L, C)
-        return (x.reshape(B, L // (w * w), w * w, C) + pos).reshape(B, L, C)
+            shape, pos = (B, gh // w, w, gw // w, w, C), pos.view(1, 1, w, 1, w, C)
+        else:
+            shape = (B, L // (w * w), w * w, C)
+        return _AddContiguous.apply(x.reshape(shape), pos).view(B, L, C)
 
     def _layers(self, t: Tensor, grid_hw: tuple[int, int], layout: str) -> Tensor:
         B, L, C = t.shape

@@ -199,8 +199,13 @@ def cls_pool_ref(cls_q, cls_k, cls_v, k, v, grid_h, grid_w, window, layout, scal
     """The definition of ``sapiens2::cls_pool`` (plain PyTorch)."""
     kw_ = torch.cat([_prefix_windows(cls_k), to_windows(k, grid_h, grid_w, window, layout)], dim=2)
     vw_ = torch.cat([_prefix_windows(cls_v), to_windows(v, grid_h, grid_w, window, layout)], dim=2)
-    ow, lse = sdpa_fwd(_prefix_windows(cls_q), kw_, vw_, None, scale)
-    return ow.reshape(cls_q.shape).contiguous(), lse
+    # The official tokenizer attends with all 1 + w*w queries of a window and keeps the CLS row; PyTorch's
+    # CPU attention kernel rounds a row differently when called with one query than with 1 + w*w, so
+    # the CLS query is padded to the window's query count (zero rows, dropped) to round exactly as it does.
+    cq = _prefix_windows(cls_q)
+    cq = torch.cat([cq, cq.new_zeros(*cq.shape[:2], kw_.shape[2] - 1, cq.shape[3])], dim=2)
+    ow, lse = sdpa_fwd(cq, kw_, vw_, None, scale)
+    return ow[:, :, :1].reshape(cls_q.shape).contiguous(), lse[:, :, :1].contiguous()
 
 
 @_cls_pool.register_fake
