@@ -160,6 +160,28 @@ def test_attention_real_shapes(case, backend):
     _check(fn, inputs, backend, plain_fn)
 
 
+@pytest.mark.parametrize("backend", BACKENDS)
+@pytest.mark.parametrize("det", [False, True], ids=["atomic", "deterministic"])
+def test_attention_projected_real_shape(det, backend):
+    """The model's path: one packed q/k/v GEMM, attention on its slots (strided reads, one packed
+    gradient), the bias gradient from the kernels' partial sums; 0.4B GQA heads at N = 3081."""
+    _need(backend, "attention_qkv_backward")
+    H, Hkv, D = 16, 8, 64
+    C = H * D
+    sin, cos = _rope_tables(D)
+    inputs = [_leaf(1, N, C), _leaf((H + 2 * Hkv) * D, C, scale=C**-0.5), _leaf((H + 2 * Hkv) * D)]
+    inputs += [(1 + 0.1 * torch.randn(D, device="cuda", dtype=torch.float64)).requires_grad_(True) for _ in range(2)]
+
+    def fn(x, w, b, wq, wk):
+        return ops.attention_projected(x, w, b, H, q_norm_weight=wq, k_norm_weight=wk, rope=(sin, cos),
+                                       num_prefix_tokens=P, deterministic=det)
+
+    def plain_fn(x, w, b, wq, wk):
+        q, k, v = torch.nn.functional.linear(x, w, b).view(1, N, H + 2 * Hkv, D).split([H, Hkv, Hkv], dim=2)
+        return plain.attention(q, k, v, wq, wk, sin.to(x.dtype), cos.to(x.dtype), P)
+    _check(fn, inputs, backend, plain_fn)
+
+
 # ---------------------------------------------------------------------------------------------- the 4K tokenizer
 
 # 1B heads (24 x 64), 4 x 4 windows, a 64 x 48 slice of the 256 x 192 patch grid

@@ -61,17 +61,34 @@ class Check:
         warm, rep = (5, 20) if self.quick else (25, 100)
         return float(do_bench(fn, warmup=warm, rep=rep, return_mode="median"))
 
+    def bench_graph(self, fn: Callable[[], object]) -> float:
+        """GPU time alone: ``fn`` captured in a CUDA graph and replayed (no Python or launch overhead)."""
+        from triton.testing import do_bench_cudagraph
+
+        fn()  # warm (compile, allocate) outside the capture
+        torch.cuda.synchronize()
+        return float(do_bench_cudagraph(fn, rep=20 if self.quick else 100, return_mode="median"))
+
     def row(self, group: str, shape: str, impl: str, phase: str, fn: Optional[Callable], flops: float = 0.0,
-            nbytes: float = 0.0, min_left: float = 5.0, note: str = "") -> None:
-        r = {"group": group, "shape": shape, "impl": impl, "phase": phase, "ms": None, "note": note}
+            nbytes: float = 0.0, min_left: float = 5.0, note: str = "", graph: bool = False) -> None:
+        """One measurement: eager time (what a user calling the op sees, Python and launches included) and,
+        with ``graph``, the GPU time of a CUDA-graph replay; FLOP/s and GB/s from the GPU time when measured."""
+        r = {"group": group, "shape": shape, "impl": impl, "phase": phase, "ms": None, "graph_ms": None, "note": note}
         if fn is None:
             r["skipped"] = note or "not available"
         elif self.left() < min_left:
             r["skipped"] = "time budget spent"
         else:
             try:
-                ms = self.bench(fn)
-                r.update(ms=ms, tflops=flops / ms / 1e9 if flops else None, gbps=nbytes / ms / 1e6 if nbytes else None)
+                r["ms"] = self.bench(fn)
+                if graph:
+                    try:
+                        r["graph_ms"] = self.bench_graph(fn)
+                    except Exception as e:  # capture refused: keep the eager time
+                        r["graph_note"] = f"{type(e).__name__}: {str(e).splitlines()[0][:120] if str(e) else ''}"
+                        torch.cuda.synchronize()
+                ms = r["graph_ms"] or r["ms"]
+                r.update(tflops=flops / ms / 1e9 if flops else None, gbps=nbytes / ms / 1e6 if nbytes else None)
                 if r["tflops"] and self.ceilings.get("matmul_tflops"):
                     r["pct_matmul"] = 100 * r["tflops"] / self.ceilings["matmul_tflops"]
                 if r["gbps"] and self.ceilings.get("copy_gbps"):
@@ -83,6 +100,8 @@ class Check:
             torch.cuda.synchronize()
         self.rows.append(r)
         shown = f"{r['ms']:.3f} ms" if r["ms"] is not None else f"skipped ({r['skipped']})"
+        if r.get("graph_ms"):
+            shown += f" (graph {r['graph_ms']:.3f} ms)"
         print(f"  {group:<14} {shape:<22} {impl:<28} {phase:<8} {shown}", flush=True)
         self.write()
 
@@ -109,13 +128,18 @@ def _environment() -> dict:
 
 def _add_ratios(rows: list[dict]) -> None:
     """Each row of ours gets ``speedup`` over every other implementation of the same (group, shape,
-    phase): their time / ours."""
+    phase): their time / ours, on GPU times (graph replays) when both rows have one, else eager."""
     for r in rows:
         if not r["impl"].startswith("ours") or r["ms"] is None:
             continue
-        r["speedup"] = {o["impl"]: o["ms"] / r["ms"] for o in rows
-                        if o is not r and o["ms"] is not None and not o["impl"].startswith("ours")
-                        and (o["group"], o["shape"], o["phase"]) == (r["group"], r["shape"], r["phase"])}
+        sp = {}
+        for o in rows:
+            if o is r or o["ms"] is None or o["impl"].startswith("ours") or \
+                    (o["group"], o["shape"], o["phase"]) != (r["group"], r["shape"], r["phase"]):
+                continue
+            both = r.get("graph_ms") and o.get("graph_ms")
+            sp[o["impl"]] = (o["graph_ms"] / r["graph_ms"]) if both else (o["ms"] / r["ms"])
+        r["speedup"] = sp
 
 
 def markdown(doc: dict) -> str:
@@ -125,14 +149,18 @@ def markdown(doc: dict) -> str:
     if ceil:
         lines += [f"Measured ceilings: copy {ceil.get('copy_gbps', 0):.0f} GB/s (read + write), bf16 matmul "
                   f"{ceil.get('matmul_tflops', 0):.0f} TFLOP/s (8192^3).", ""]
-    lines += ["| group | shape | impl | phase | ms | TFLOP/s | GB/s | % matmul | % copy | ours vs baselines (x faster) |",
-              "|---|---|---|---|---|---|---|---|---|---|"]
+    lines += ["Eager ms: calling the op from Python (launch overhead included); graph ms: the GPU time of a CUDA-graph "
+              "replay (row ops). Rates and speedups use the graph time where both sides have one.", "",
+              "| group | shape | impl | phase | eager ms | graph ms | TFLOP/s | GB/s | % matmul | % copy | "
+              "ours vs baselines (x faster) |",
+              "|---|---|---|---|---|---|---|---|---|---|---|"]
     for r in doc["rows"]:
         f = lambda k, fmt: (fmt % r[k]) if r.get(k) is not None else ""  # noqa: E731
         ms = f"{r['ms']:.3f}" if r["ms"] is not None else f"skipped: {r.get('skipped', '')}"
         sp = ", ".join(f"{k} {v:.2f}" for k, v in r.get("speedup", {}).items())
-        lines.append(f"| {r['group']} | {r['shape']} | {r['impl']} | {r['phase']} | {ms} | {f('tflops', '%.0f')} | "
-                     f"{f('gbps', '%.0f')} | {f('pct_matmul', '%.0f')} | {f('pct_copy', '%.0f')} | {sp} |")
+        lines.append(f"| {r['group']} | {r['shape']} | {r['impl']} | {r['phase']} | {ms} | {f('graph_ms', '%.3f')} | "
+                     f"{f('tflops', '%.0f')} | {f('gbps', '%.0f')} | {f('pct_matmul', '%.0f')} | {f('pct_copy', '%.0f')} | "
+                     f"{sp} |")
     return "\n".join(lines) + "\n"
 
 
@@ -291,10 +319,10 @@ def row_op_rows(chk: Check) -> None:
                 def f(fn=ours_fn, be=be):
                     with ops.use_backend(be, strict=True):
                         return fn()
-                chk.row(op, shape, f"ours ({be})", "fwd", f, nbytes=by_f)
-                chk.row(op, shape, f"ours ({be})", "fwd+bwd", _grad_fn(f, ins), nbytes=by_fb)
-            chk.row(op, shape, "torch eager", "fwd", torch_fn, nbytes=by_f)
-            chk.row(op, shape, "torch eager", "fwd+bwd", _grad_fn(torch_fn, ins), nbytes=by_fb)
+                chk.row(op, shape, f"ours ({be})", "fwd", f, nbytes=by_f, graph=True)
+                chk.row(op, shape, f"ours ({be})", "fwd+bwd", _grad_fn(f, ins), nbytes=by_fb, graph=True)
+            chk.row(op, shape, "torch eager", "fwd", torch_fn, nbytes=by_f, graph=True)
+            chk.row(op, shape, "torch eager", "fwd+bwd", _grad_fn(torch_fn, ins), nbytes=by_fb, graph=True)
     # QK-norm + RoPE at the 0.4B GQA layer's heads
     Hq, Hkv, D = 16, 8, 64
     q, k, wq, wk = mk(B, N, Hq, D), mk(B, N, Hkv, D), mk(D), mk(D)
@@ -312,12 +340,13 @@ def row_op_rows(chk: Check) -> None:
     e = 2.0 * B * N * (Hq + Hkv) * D
     for be in backends:
         chk.row("qk_norm_rope", f"B{B} N{N} H{Hq}/{Hkv} D{D}", f"ours ({be})", "fwd",
-                lambda be=be: _qk(ops, be, q, k, wq, wk, sin, cos), nbytes=2 * e)
+                lambda be=be: _qk(ops, be, q, k, wq, wk, sin, cos), nbytes=2 * e, graph=True)
         chk.row("qk_norm_rope", f"B{B} N{N} H{Hq}/{Hkv} D{D}", f"ours ({be})", "fwd+bwd",
-                _grad_fn(lambda be=be: _qk(ops, be, q, k, wq, wk, sin, cos), [q, k, wq, wk]), nbytes=5 * e)
-    chk.row("qk_norm_rope", f"B{B} N{N} H{Hq}/{Hkv} D{D}", "official (eager)", "fwd", official, nbytes=2 * e)
+                _grad_fn(lambda be=be: _qk(ops, be, q, k, wq, wk, sin, cos), [q, k, wq, wk]), nbytes=5 * e, graph=True)
+    chk.row("qk_norm_rope", f"B{B} N{N} H{Hq}/{Hkv} D{D}", "official (eager)", "fwd", official, nbytes=2 * e,
+            graph=True)
     chk.row("qk_norm_rope", f"B{B} N{N} H{Hq}/{Hkv} D{D}", "official (eager)", "fwd+bwd",
-            _grad_fn(official, [q, k, wq, wk]), nbytes=5 * e)
+            _grad_fn(official, [q, k, wq, wk]), nbytes=5 * e, graph=True)
 
 
 def _qk(ops, be, q, k, wq, wk, sin, cos):
@@ -354,11 +383,12 @@ def window_rows(chk: Check) -> None:
             with ops.use_backend(be, strict=True):
                 o, po = ops.window_attention(q, k, v, (gh, gw), w, pq, pk, pv)
             return torch.cat([o.flatten(), po.flatten()])
-        chk.row("window_attention", shape, f"ours ({be})", "fwd", f, fl, by)
-        chk.row("window_attention", shape, f"ours ({be})", "fwd+bwd", _grad_fn(f, ins), 3.5 * fl, 2.5 * by)
-    chk.row("window_attention", shape, "official (permute + cat + sdpa)", "fwd", official, fl, by)
+        chk.row("window_attention", shape, f"ours ({be})", "fwd", f, fl, by, graph=True)
+        chk.row("window_attention", shape, f"ours ({be})", "fwd+bwd", _grad_fn(f, ins), 3.5 * fl, 2.5 * by,
+                graph=True)
+    chk.row("window_attention", shape, "official (permute + cat + sdpa)", "fwd", official, fl, by, graph=True)
     chk.row("window_attention", shape, "official (permute + cat + sdpa)", "fwd+bwd", _grad_fn(official, ins),
-            3.5 * fl, 2.5 * by)
+            3.5 * fl, 2.5 * by, graph=True)
 
 
 def main(argv=None) -> int:
