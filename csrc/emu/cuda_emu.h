@@ -16,7 +16,10 @@
 //     each input is read once and each output written once; an access straddling the end of a
 //     tracked buffer is reported as out of bounds. The counters (and atomicAdd) use relaxed
 //     atomics, never a lock, so that they add no synchronisation ThreadSanitizer could mistake
-//     for a barrier.
+//     for a barrier;
+//   * optionally (s2emu_log_start, for the launch-plan tests) a launch log: each launch's kernel
+//     name and the distinct byte ranges it read and wrote, whatever the buffers (the torch
+//     bindings' inputs, outputs and scratch alike). Only that mode takes a lock per access.
 //
 // Self-tests: csrc/tests/test_emulator.cpp (CTest, and tests/cuda/test_emulator.py).
 //
@@ -29,6 +32,7 @@
 #error "cuda_emu.h is for the CPU emulation build only (define SAPIENS2_EMU)"
 #endif
 
+#include <algorithm>
 #include <cmath>
 #include <cstdint>
 #include <cstdio>
@@ -36,6 +40,7 @@
 #include <cstring>
 #include <functional>
 #include <memory>
+#include <mutex>
 #include <stdexcept>
 #include <string>
 #include <vector>
@@ -139,9 +144,67 @@ inline void saturating_inc(uint16_t& c) {
   }
 }
 
+// The launch log: off unless a test turned it on; `running` collects the accesses of the launch in
+// progress, which end_launch() turns into merged [lo, hi) ranges of distinct bytes.
+struct LaunchRecord {
+  std::string kernel;
+  std::vector<std::pair<uintptr_t, uintptr_t>> reads, writes;
+};
+
+struct LaunchLog {
+  bool on = false;
+  std::vector<LaunchRecord> launches;
+  std::vector<std::pair<uintptr_t, uintptr_t>> running_reads, running_writes;
+  std::mutex m;
+};
+
+inline LaunchLog& launch_log() {
+  static LaunchLog l;
+  return l;
+}
+
+inline std::vector<std::pair<uintptr_t, uintptr_t>> merge_ranges(std::vector<std::pair<uintptr_t, uintptr_t>> v) {
+  std::sort(v.begin(), v.end());
+  std::vector<std::pair<uintptr_t, uintptr_t>> out;
+  for (const auto& r : v) {
+    if (!out.empty() && r.first <= out.back().second)
+      out.back().second = r.second > out.back().second ? r.second : out.back().second;
+    else
+      out.push_back(r);
+  }
+  return out;
+}
+
+// A launch's name as written at the launch site: "(rms_norm_fwd_kernel<T, NV, VEC>)" -> "rms_norm_fwd_kernel".
+inline std::string kernel_name(const char* spelled) {
+  std::string s(spelled);
+  size_t b = s.find_first_not_of("( ");
+  size_t e = s.find_first_of("<)", b);
+  s = s.substr(b, e == std::string::npos ? std::string::npos : e - b);
+  size_t ns = s.rfind("::");
+  return ns == std::string::npos ? s : s.substr(ns + 2);
+}
+
+inline void end_launch(const char* name) {
+  LaunchLog& lg = launch_log();
+  if (!lg.on) return;
+  LaunchRecord r;
+  r.kernel = kernel_name(name);
+  r.reads = merge_ranges(std::move(lg.running_reads));
+  r.writes = merge_ranges(std::move(lg.running_writes));
+  lg.running_reads.clear();
+  lg.running_writes.clear();
+  lg.launches.push_back(std::move(r));
+}
+
 inline void count(const void* p, size_t bytes, bool write) {
   Accounting& a = accounting();
   uintptr_t lo = reinterpret_cast<uintptr_t>(p);
+  LaunchLog& lg = launch_log();
+  if (lg.on) {
+    std::lock_guard<std::mutex> g(lg.m);
+    (write ? lg.running_writes : lg.running_reads).emplace_back(lo, lo + bytes);
+  }
   for (Tracked& t : a.buffers) {
     if (lo >= t.begin && lo + bytes <= t.end) {
       auto& per_byte = write ? t.writes : t.reads;
@@ -444,9 +507,15 @@ inline std::string& last_error() {
   return e;
 }
 
-// Launch `kernel(args...)` over grid x block, blocks one after another.
+// Launch `kernel(args...)` over grid x block, blocks one after another; `name` (the kernel as
+// spelled at the launch site) labels the launch in the launch log.
 template <class... Params, class... Args>
-void launch(void (*kernel)(Params...), dim3 grid, dim3 block_dim, size_t dynamic_smem, Args... args) {
+void launch_named(const char* name, void (*kernel)(Params...), dim3 grid, dim3 block_dim, size_t dynamic_smem,
+                  Args... args) {
+  struct LogOnExit {
+    const char* name;
+    ~LogOnExit() { end_launch(name); }
+  } log_on_exit{name};
   LaunchState& L = launch_state();
   try {
     L.grid = grid;
@@ -464,6 +533,11 @@ void launch(void (*kernel)(Params...), dim3 grid, dim3 block_dim, size_t dynamic
     // message stays here for s2emu_last_error().
     if (last_error().empty()) last_error() = e.what();
   }
+}
+
+template <class... Params, class... Args>
+void launch(void (*kernel)(Params...), dim3 grid, dim3 block_dim, size_t dynamic_smem, Args... args) {
+  launch_named("kernel", kernel, grid, block_dim, dynamic_smem, args...);
 }
 
 // kOk (0) when every launch since the last call succeeded, else kLaunchFailed (4).

@@ -61,4 +61,32 @@ S2_API void s2emu_set_reverse(int reverse) {
 
 S2_API const char* s2emu_last_error(void) { return emu::last_error().c_str(); }
 
+// The launch log (tests of the ops' launch plans): start clears it and records every launch until
+// stop; then for launch i its kernel name and its merged [lo, hi) ranges of distinct bytes read
+// (write = 0) or written (write = 1), copied as lo, hi pairs into `out` (up to `capacity` pairs;
+// the return value is the number of ranges, so a caller can size the buffer and ask again).
+S2_API void s2emu_log_start(void) {
+  emu::LaunchLog& lg = emu::launch_log();
+  lg.launches.clear();
+  lg.running_reads.clear();
+  lg.running_writes.clear();
+  lg.on = true;
+}
+
+S2_API void s2emu_log_stop(void) { emu::launch_log().on = false; }
+
+S2_API int s2emu_log_size(void) { return int(emu::launch_log().launches.size()); }
+
+S2_API const char* s2emu_log_kernel(int i) { return emu::launch_log().launches.at(size_t(i)).kernel.c_str(); }
+
+S2_API int s2emu_log_ranges(int i, int write, uint64_t* out, int capacity) {
+  const emu::LaunchRecord& r = emu::launch_log().launches.at(size_t(i));
+  const auto& v = write ? r.writes : r.reads;
+  for (int j = 0; j < int(v.size()) && j < capacity; ++j) {
+    out[2 * j] = v[size_t(j)].first;
+    out[2 * j + 1] = v[size_t(j)].second;
+  }
+  return int(v.size());
+}
+
 }  // extern "C"

@@ -177,7 +177,8 @@ inline void s2_opt_in_dynamic_smem(Kernel kernel, size_t bytes) {
 #endif
 
 #ifdef SAPIENS2_EMU
-#define S2_LAUNCH(kernel, grid, block, smem, stream, ...) ::emu::launch(kernel, grid, block, smem, __VA_ARGS__)
+#define S2_LAUNCH(kernel, grid, block, smem, stream, ...) \
+  ::emu::launch_named(#kernel, kernel, grid, block, smem, __VA_ARGS__)
 #define S2_LAUNCH_STATUS() ::emu::take_status()
 #else
 #define S2_LAUNCH(kernel, grid, block, smem, stream, ...) \

@@ -6,6 +6,10 @@
   distinct bytes each kernel loads and stores per tensor argument (every active lane of every load,
   store and atomic, by address) and the FLOPs of its ``tl.dot`` calls (``2 M N K`` per call, tails
   included);
+* every kernel of the hand-written CUDA ops run under the CPU emulation (``torch.ops.sapiens2_emu``,
+  ``sapiens2.ops.cuda.emulated()``), from the emulator's launch log: each launch's kernel and the
+  distinct bytes it reads and writes, by address, in the op's inputs, its outputs and the scratch
+  its binding allocates (the emulator does not see FLOPs: ``flops`` is None for these);
 * every ATen kernel dispatched while it is active (a ``TorchDispatchMode``), costed by the cost
   model's rules (``cost.CostCounter``): views and allocations launch nothing.
 
@@ -31,7 +35,7 @@ class Recorded:
     kernel: str
     reads: dict = field(default_factory=dict)  # storage key -> distinct bytes
     writes: dict = field(default_factory=dict)
-    flops: int = 0
+    flops: int | None = 0
 
 
 class _TritonTap:
@@ -167,6 +171,14 @@ class LaunchRecorder(TorchDispatchMode):
         if func.namespace == "sapiens2":  # look inside our ops: run their implementation under this mode
             with self:
                 return func._op_dk(torch._C.DispatchKey.CompositeExplicitAutograd, *args, **kwargs)
+        if func.namespace == "sapiens2_emu":
+            return self._emulated(func, args, kwargs)
+        if torch._C._dispatch_has_kernel_for_dispatch_key(func.name(), torch._C.DispatchKey.CompositeImplicitAutograd):
+            # an alias-or-copy op (``to``, ``contiguous``, ...) reaching the mode: record what it runs
+            with self:
+                out = func.decompose(*args, **kwargs)
+            if out is not NotImplemented:
+                return out
         if func in _GPU_COMPOSITE:
             with self:
                 return func._op_dk(_GPU_COMPOSITE[func], *args, **kwargs)
@@ -183,6 +195,48 @@ class LaunchRecorder(TorchDispatchMode):
             for t in outs:
                 r.writes[storage_key(t)] = None
             r.aten_bytes = (cost.read, cost.written)
+            self._add(r)
+        return out
+
+    def _emulated(self, func, args, kwargs):
+        """One emulated CUDA op: its launches from the emulator's log, each byte range attributed to
+        the storage of an input or output it lies in; bytes in none of them are the binding's scratch
+        (freed by now), one key per buffer: ranges that overlap a range seen before in this op share
+        its key."""
+        from ..cuda_tools.emu_ext import launch_log
+
+        with launch_log() as logged:
+            out = func(*args, **kwargs)
+        known = {}
+        for t in torch.utils._pytree.tree_flatten((args, kwargs, out))[0]:
+            if isinstance(t, torch.Tensor) and t.untyped_storage().nbytes():
+                s = t.untyped_storage()
+                known[storage_key(t)] = (s.data_ptr(), s.data_ptr() + s.nbytes())
+        scratch: list[list] = []  # [lo, hi, key]
+
+        def attribute(ranges, dest):
+            for lo, hi in ranges:
+                left = [(lo, hi)]
+                for key, (a, b) in known.items():
+                    n = max(0, min(hi, b) - max(lo, a))
+                    if n:
+                        dest[key] = dest.get(key, 0) + n
+                        left = [piece for (x, y) in left for piece in ((x, min(y, a)), (max(x, b), y)) if piece[0] < piece[1]]
+                for x, y in left:
+                    for s_ in scratch:
+                        if x < s_[1] and y > s_[0]:
+                            s_[0], s_[1] = min(s_[0], x), max(s_[1], y)
+                            break
+                    else:
+                        self._scratch_ids = getattr(self, "_scratch_ids", 0) + 1
+                        s_ = [x, y, ("emulated-scratch", self._scratch_ids)]
+                        scratch.append(s_)
+                    dest[s_[2]] = dest.get(s_[2], 0) + (y - x)
+
+        for ln in logged:
+            r = Recorded(f"cuda:{ln.kernel}", flops=None)
+            attribute(ln.reads, r.reads)
+            attribute(ln.writes, r.writes)
             self._add(r)
         return out
 

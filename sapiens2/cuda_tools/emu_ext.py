@@ -10,12 +10,16 @@ without a GPU. Cached by a hash of the sources, the flags and the torch version.
 
 from __future__ import annotations
 
+import contextlib
+import ctypes
 import os
 import subprocess
 import sysconfig
 import tempfile
 from concurrent.futures import ThreadPoolExecutor
+from dataclasses import dataclass, field
 from pathlib import Path
+from typing import Iterator
 
 import torch
 
@@ -50,7 +54,8 @@ def build() -> Path:
         # The kernels compile as C++ through one unit that includes them (torch-free, fast).
         kunit = Path(tmp) / "kernels_emu.cpp"
         kunit.write_text("".join(f'#include "{p}"\n' for p in kernel_sources(root)))
-        units = bindings + [kunit]
+        # the emulator's C API too: the launch log (launch_log below) is read through it
+        units = bindings + [kunit, root / "emu" / "emu_capi.cpp"]
 
         def compile_one(src: Path) -> Path:
             obj = Path(tmp) / (src.stem + ".o")
@@ -81,3 +86,43 @@ def load() -> None:
 
         fakes.register("sapiens2_emu")
         _loaded = path
+
+
+@dataclass
+class LoggedLaunch:
+    """One emulated launch: the kernel's name and the merged ``[lo, hi)`` address ranges of the
+    distinct bytes it read and wrote."""
+
+    kernel: str
+    reads: list = field(default_factory=list)
+    writes: list = field(default_factory=list)
+
+
+def _capi() -> ctypes.CDLL:
+    lib = ctypes.CDLL(str(_loaded))  # the loaded extension itself (same handle, same emulator state)
+    lib.s2emu_log_kernel.restype = ctypes.c_char_p
+    lib.s2emu_log_ranges.argtypes = [ctypes.c_int, ctypes.c_int, ctypes.POINTER(ctypes.c_uint64), ctypes.c_int]
+    return lib
+
+
+@contextlib.contextmanager
+def launch_log() -> Iterator[list[LoggedLaunch]]:
+    """``with launch_log() as launches: torch.ops.sapiens2_emu.<op>(...)``: on exit ``launches``
+    holds every kernel the emulated ops launched inside the block, in order (the launch-plan tests'
+    ground truth for the CUDA kernels)."""
+    load()
+    lib = _capi()
+    launches: list[LoggedLaunch] = []
+    lib.s2emu_log_start()
+    try:
+        yield launches
+    finally:
+        lib.s2emu_log_stop()
+        for i in range(lib.s2emu_log_size()):
+            rec = LoggedLaunch(lib.s2emu_log_kernel(i).decode())
+            for write, out in ((0, rec.reads), (1, rec.writes)):
+                n = lib.s2emu_log_ranges(i, write, None, 0)
+                buf = (ctypes.c_uint64 * (2 * n))()
+                lib.s2emu_log_ranges(i, write, buf, n)
+                out.extend((int(buf[2 * j]), int(buf[2 * j + 1])) for j in range(n))
+            launches.append(rec)

@@ -16,6 +16,7 @@ _CUDA_FAMILIES = {
     "qk_norm_rope": ("qk_norm_rope", "qk_norm_rope_backward"),
     "window_attention": ("window_attention", "window_attention_backward", "cls_pool", "cls_pool_backward",
                          "window_attention_qkv_backward", "cls_pool_kv_backward"),
+    "partial_sums": ("partial_sums",),
 }
 for _family, _ops in _CUDA_FAMILIES.items():
     for _op in _ops:

@@ -399,9 +399,9 @@ def _num_windows(L, gh, gw, w, layout):
 
 
 def _window_flops(B, nW, NH, window, D, kind: str) -> int:
+    """FLOPs at the kernel's tiles (tiny windows, w = 2, compute the same padded tiles with broadcast
+    products on the CUDA cores instead of tl.dot)."""
     cfg = _k("window_attention")._config(kind, window, D)
-    if not cfg["USE_DOT"]:
-        return 0
     dots = 2 if kind == "fwd" else 5
     return B * nW * NH * dots * 2 * cfg["BLOCK_N"] * cfg["BLOCK_N"] * cfg["BLOCK_D"]
 

@@ -93,4 +93,4 @@ def planned_ops(backend: str) -> list[str]:
 def _load() -> None:
     # the plan modules register themselves on import (the baselines' live with the cost model)
     from ..bench import plans_official  # noqa: F401
-    from . import launch_plans  # noqa: F401
+    from . import launch_plans, launch_plans_cuda  # noqa: F401

@@ -78,6 +78,9 @@ def cases() -> list[tuple[str, str, tuple]]:
         ("qk_norm_rope", "qk_norm_rope", (q, k, qw, kw, sin, cos, P, 1e-6)),
         ("qk_norm_rope_backward", "qk_norm_rope_backward", (_t(B, N, H, D), _t(B, N, Hkv, D), q, k, qw, kw, sin, cos,
                                                              qr, kr, P)),
+        ("qk_norm_rope-bf16tables", "qk_norm_rope", (q, k, qw, kw, sin16, cos16, P, 1e-6)),
+        ("qk_norm_rope_backward-bf16tables-mixedweights", "qk_norm_rope_backward",
+         (_t(B, N, H, D), _t(B, N, Hkv, D), q, k, qw.float(), kw, sin16, cos16, qr, kr, P)),
     ]
     gh, gw, win, NH, WD = 8, 12, 4, 2, 64
     L, nW = gh * gw, (gh // win) * (gw // win)
@@ -96,10 +99,11 @@ def cases() -> list[tuple[str, str, tuple]]:
          (_t(1, L, NH, WD), _t(1, nW, NH, WD), qkv, pqkv, None, wo, wpo, wlse, gh, gw, win, "grid", 0.125, True)),
         ("cls_pool", "cls_pool", (pq, pk, pv, tk, tv, gh, gw, win, "grid", 0.125)),
         ("cls_pool_backward", "cls_pool_backward",
-         (_t(1, nW, NH, WD), pq, pk, pv, tk, tv, wpo, _t(nW, NH, dtype=torch.float32), gh, gw, win, "grid", 0.125)),
+         (_t(1, nW, NH, WD), pq, pk, pv, tk, tv, wpo, _t(nW, NH, 1, dtype=torch.float32), gh, gw, win, "grid", 0.125)),
         ("cls_pool_kv", "cls_pool_kv", (pqkv, _t(1, L, 2, NH, WD), gh, gw, win, "grid", 0.125)),
         ("cls_pool_kv_backward", "cls_pool_kv_backward",
-         (_t(1, nW, NH, WD), pqkv, _t(1, L, 2, NH, WD), wpo, _t(nW, NH, dtype=torch.float32), gh, gw, win, "grid", 0.125)),
+         (_t(1, nW, NH, WD), pqkv, _t(1, L, 2, NH, WD), wpo, _t(nW, NH, 1, dtype=torch.float32), gh, gw, win, "grid",
+          0.125)),
         ("partial_sums", "partial_sums", (_t(37, 150, dtype=torch.float32), BF16)),
     ]
     return out

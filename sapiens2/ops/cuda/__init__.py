@@ -1,7 +1,8 @@
 """The ``"cuda"`` backend: adapters from the ``sapiens2`` ops to the hand-written CUDA kernels of
 the compiled extension ``sapiens2._C`` (ops ``torch.ops.sapiens2_cuda.*``, built from ``csrc/``).
 
-One module per kernel family (``rms_norm``, ``swiglu``, ``qk_norm_rope``, ``window_attention``)
+One module per kernel family (``rms_norm``, ``swiglu``, ``qk_norm_rope``, ``window_attention``,
+``partial_sums``)
 holds the adapters, which take the same arguments and return the same values as the Triton
 adapters in ``sapiens2/ops/_triton.py``, and the fake (meta) implementations of its
 ``sapiens2_cuda`` ops. The extension is imported on first use only.
@@ -19,7 +20,7 @@ from typing import Iterator
 
 import torch
 
-FAMILIES = ("rms_norm", "swiglu", "qk_norm_rope", "window_attention")
+FAMILIES = ("rms_norm", "swiglu", "qk_norm_rope", "window_attention", "partial_sums")
 
 _state = {"namespace": "sapiens2_cuda", "loaded": False}
 
