@@ -16,6 +16,7 @@ from __future__ import annotations
 import hashlib
 import json
 import os
+import re
 import subprocess
 import sys
 import tempfile
@@ -47,6 +48,30 @@ def _ptxas_usage(ptx: str, arch: str) -> tuple[int, int]:
     return regs, spills
 
 
+_ACCESS = re.compile(r"^\s*(?:@%p\d+\s+)?(ld\.global|st\.global|cp\.async\.c[ag]\.shared\.global)([.\w]*)\s+(.*)$",
+                     re.MULTILINE)
+_BITS = {"b8": 1, "u8": 1, "s8": 1, "b16": 2, "u16": 2, "s16": 2, "f16": 2, "bf16": 2, "b32": 4, "u32": 4, "s32": 4,
+         "f32": 4, "b64": 8, "u64": 8, "s64": 8, "f64": 8}
+
+
+def access_widths(ptx: str) -> dict[int, int]:
+    """Global-memory access instructions of a kernel's PTX by width in bytes: ``ld/st.global`` with
+    their vector and element types, ``cp.async`` (to shared memory) by its size operand. The share of
+    16-byte accesses shows whether rows are aligned enough to vectorise (a 76-wide bf16 head row is
+    152 bytes: 8-byte aligned at best)."""
+    out: dict[int, int] = {}
+    for m in _ACCESS.finditer(ptx):
+        op, mods, operands = m.groups()
+        if op.startswith("cp.async"):
+            width = int(operands.rstrip(";").split(",")[2].strip(), 0)
+        else:
+            parts = mods.strip(".").split(".")
+            vec = next((int(p[1:]) for p in parts if p in ("v2", "v4", "v8")), 1)
+            width = vec * next((_BITS[p] for p in reversed(parts) if p in _BITS), 0)
+        out[width] = out.get(width, 0) + 1
+    return dict(sorted(out.items()))
+
+
 def compile_config(c: dict, target: str = "sm_90a") -> dict:
     import triton
     from triton.backends.compiler import GPUTarget
@@ -56,7 +81,7 @@ def compile_config(c: dict, target: str = "sm_90a") -> dict:
            "config": {"num_warps": c["num_warps"], "num_stages": c["num_stages"],
                       **{k: v for k, v in c["constexprs"].items() if k != "INTERPRET"}},
            "target": target, "compiled": False, "error": None, "registers": None, "spill_bytes": None,
-           "shared_bytes": None, "wgmma": False, "tma": False}
+           "shared_bytes": None, "wgmma": False, "tma": False, "access_widths": {}}
     try:
         k = triton.compile(ASTSource(fn=c["fn"], signature=c["signature"], constexprs=c["constexprs"],
                                      attrs=c.get("attrs")),
@@ -68,7 +93,7 @@ def compile_config(c: dict, target: str = "sm_90a") -> dict:
     ptx = k.asm["ptx"]
     row["registers"], row["spill_bytes"] = _ptxas_usage(ptx, "sm_90a" if target.startswith("sm_90") else target)
     row.update(compiled=True, shared_bytes=int(k.metadata.shared),
-               wgmma="wgmma.mma_async" in ptx, tma="cp.async.bulk.tensor" in ptx)
+               wgmma="wgmma.mma_async" in ptx, tma="cp.async.bulk.tensor" in ptx, access_widths=access_widths(ptx))
     return row
 
 
@@ -128,13 +153,21 @@ def cached_gate(target: str = "sm_90a", cache_dir: str | None = None) -> list[di
     return rows
 
 
+def _share16(r: dict) -> str:
+    """Share of the global accesses that are 16 bytes wide."""
+    w = r.get("access_widths") or {}
+    n = sum(w.values())
+    return f"{100 * w.get(16, 0) / n:.0f}%" if n else "-"
+
+
 def print_report(rows: list[dict]) -> None:
-    print(f"{'kernel':<58}{'target':>8}{'ok':>4}{'regs':>6}{'spill':>7}{'smem KiB':>10}{'wgmma':>7}{'tma':>5}")
+    print(f"{'kernel':<58}{'target':>8}{'ok':>4}{'regs':>6}{'spill':>7}{'smem KiB':>10}{'wgmma':>7}{'tma':>5}"
+          f"{'16B acc':>8}")
     for r in rows:
         smem = "-" if r["shared_bytes"] is None else f"{r['shared_bytes'] / 1024:.1f}"
         print(f"{r['kernel'][:57]:<58}{r['target']:>8}{'yes' if r['compiled'] else 'NO':>4}{r['registers'] or '-':>6}"
               f"{'-' if r['spill_bytes'] is None else r['spill_bytes']:>7}{smem:>10}{'yes' if r['wgmma'] else '-':>7}"
-              f"{'yes' if r['tma'] else '-':>5}")
+              f"{'yes' if r['tma'] else '-':>5}{_share16(r):>8}")
         if r["error"]:
             print(f"    error: {r['error']}")
     bad = [r for r in rows if not r["compiled"] or r["spill_bytes"] or (r["shared_bytes"] or 0) > MAX_SHARED]

@@ -241,12 +241,11 @@ def build_parser() -> argparse.ArgumentParser:
     g.add_argument("--mfu", type=float, default=None, help="assumed MFU (default: measured on a GPU, else 0.4)")
     g.add_argument("--dry-run", action="store_true", help="size only; do not run the model")
     bm.set_defaults(func=cmd_bench_model)
-    try:
-        from .bench.cost_cli import add_cost_parser
+    from .bench.attention_cli import add_attention_parser
+    from .bench.cost_cli import add_cost_parser
 
-        add_cost_parser(bsub)
-    except ImportError:  # the cost model arrives with its own module
-        pass
+    add_cost_parser(bsub)
+    add_attention_parser(bsub)
     return p
 
 

@@ -77,3 +77,26 @@ def attention_table(N: int = 3081, B: int = 8) -> list[dict]:
             r["arch"] = arch
             rows.append(r)
     return rows
+
+
+def head_dim_layouts(B: int = 8, N: int = 3081, H: int = 32, Hkv: int = 16, C: int = 2432,
+                     slots=(76, 80)) -> list[dict]:
+    """The 5B's GQA attention layer (32 query heads, 16 K/V heads, D = 76) with its packed q/k/v
+    projection writing head rows of each ``slot`` width: 76 (the true dim, 152-byte rows) or 80
+    (zero weight rows, 160-byte rows that allow 16-byte loads). Per layer, forward + backward:
+    the projection GEMMs (forward, dX, dW) and the attention kernels at that row width (our plans
+    at D = slot; FLOPs are the same, the 76 kernels already compute 80-wide tiles)."""
+    rows = []
+    for slot in slots:
+        out = (H + 2 * Hkv) * slot
+        x, w, y = B * N * C * 2, out * C * 2, B * N * out * 2
+        gemm_flops = 3 * 2 * B * N * C * out
+        gemm_bytes = (x + w + y) + (y + w + x) + (y + x + w)  # fwd, dX = dY W, dW = dY^T X
+        gemm_s = sum(max(2 * B * N * C * out / H100_SXM.bf16_flops, b / H100_SXM.hbm_bytes_per_s)
+                     for b in (x + w + y, y + w + x, y + x + w))
+        a = attention_cost(B, N, H, Hkv, slot, "ours")
+        rows.append({"slot": slot, "qkv_gemm_flops": gemm_flops, "qkv_gemm_bytes": gemm_bytes, "qkv_gemm_s": gemm_s,
+                     "attn_bytes": a["fwd_bytes"] + a["bwd_bytes"], "attn_flops": a["fwd_flops"] + a["bwd_flops"],
+                     "attn_s": a["fwd_roofline_s"] + a["bwd_roofline_s"],
+                     "total_s": gemm_s + a["fwd_roofline_s"] + a["bwd_roofline_s"]})
+    return rows

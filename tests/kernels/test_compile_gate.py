@@ -12,7 +12,7 @@ import pytest
 
 MAX_SHARED = 227 * 1024
 KEYS = {"kernel", "language", "config", "target", "compiled", "error", "registers", "spill_bytes", "shared_bytes",
-        "wgmma", "tma"}
+        "wgmma", "tma", "access_widths"}
 
 
 def _gate(*args):
@@ -48,6 +48,14 @@ def test_sm90a_gate_real_shapes():
         assert want in names, want
     attn = [x for x in rows if x["kernel"].startswith(("attn_fwd", "attn_bwd_kv", "attn_bwd_dq_bf16"))]
     assert attn and all(x["wgmma"] for x in attn), "the attention matmuls must use Hopper wgmma"
+    # 128- and 160-byte head rows load in 16-byte vectors; the 5B's 152-byte rows (D = 76) cannot
+    # (8-byte aligned at best): the README's head-dim-76 section rests on this
+    fwd = {d: [x for x in attn if x["kernel"].startswith(f"attn_fwd_bf16_d{d}_")] for d in (64, 76, 80)}
+    for d, xs in fwd.items():
+        assert xs, d
+        for x in xs:
+            w = {int(k): v for k, v in x["access_widths"].items()}
+            assert (w.get(16, 0) > 0) == (d != 76), (x["kernel"], w)
 
 
 @pytest.mark.slow

@@ -1,0 +1,156 @@
+"""The README's performance figures, generated from the commands that print them.
+
+Each block of the README between ``<!-- figures:NAME -->`` and ``<!-- /figures:NAME -->`` is rendered
+here from the same functions as the command in ``BLOCKS[NAME]``, in that command's number formats,
+so that every figure in it also appears in the command's output. ``tests/test_readme_figures.py``
+checks both: the README's blocks equal what this renders, and each number in a block is printed by
+its command (or, for the GPU measurements, stands in the report the GPU check wrote).
+
+    python -m sapiens2.bench.readme_figures            # print the blocks
+    python -m sapiens2.bench.readme_figures --write    # rewrite them in README.md
+"""
+
+from __future__ import annotations
+
+import json
+import re
+import sys
+from pathlib import Path
+
+GPU_REPORT = "docs/measured/gpu_check_h200_run2"
+
+# name -> (the command printing the figures, as a user types it; its argv for sapiens2.cli.main or
+# a file of the repository holding them)
+BLOCKS = {
+    "block-cost": ("sapiens2 bench cost --arch sapiens2_0.4b", ["bench", "cost", "--arch", "sapiens2_0.4b"]),
+    "tokenizer-cost": ("sapiens2 bench cost --stage tokenizer --arch sapiens2_1b --mask-ratio 0.75",
+                       ["bench", "cost", "--stage", "tokenizer", "--arch", "sapiens2_1b", "--mask-ratio", "0.75"]),
+    "attention": ("sapiens2 bench attention", ["bench", "attention"]),
+    "gpu-check": ("make gpu-check", f"{GPU_REPORT}.md"),
+}
+
+
+def _block_cost() -> str:
+    from .cost import compare
+    from .cost_cli import ROWS, _fmt, cost_pairs
+
+    pairs = cost_pairs("sapiens2_0.4b", (1024, 768))
+    cols = []
+    for ours, off in pairs:
+        a, b, r = ours.summary(), off.summary(), compare(ours, off)
+        cols.append((a, b, r))
+    u = cols[0][0]["unit_bytes"]
+    lines = [f"| per 0.4B block | ours, MHA | official, MHA | ratio | ours, GQA | official, GQA | ratio | target |",
+             "|---|---|---|---|---|---|---|---|"]
+    targets = {"bytes": "≤ 0.55", "kernels": "≤ 0.50", "saved_bytes": "≤ 0.62", "roofline_s": "≤ 0.70"}
+    for key, name in ROWS:
+        cells = []
+        for a, b, r in cols:
+            cells += [_fmt(key, a[key], u), _fmt(key, b[key], u), f"**{r[key]:.3f}**" if key in targets else f"{r[key]:.3f}"]
+        lines.append(f"| {name.strip()} | " + " | ".join(cells) + f" | {targets.get(key, '')} |")
+    lines.append("")
+    lines.append(f"u = one N x C bf16 activation ({u / 1e6:.2f} MB).")
+    return "\n".join(lines)
+
+
+def _tokenizer_cost() -> str:
+    from .cost import compare, forward_stage_share, tokenizer_costs
+    from .cost_cli import ROWS, _fmt
+
+    img = (4096, 3072)
+    ours, off = tokenizer_costs("sapiens2_1b", img, 1), tokenizer_costs("sapiens2_1b", img, 1, official=True)
+    a, b, r = ours.summary(), off.summary(), compare(ours, off)
+    u = a["unit_bytes"]
+    targets = {"kernels": "≤ 0.35"}
+    lines = ["| 1B-4K tokenizer, per image | ours | official | ratio | target |", "|---|---|---|---|---|"]
+    for key, name in ROWS:
+        lines.append(f"| {name.strip()} | {_fmt(key, a[key], u)} | {_fmt(key, b[key], u)} | {r[key]:.3f} | "
+                     f"{targets.get(key, '')} |")
+    m = tokenizer_costs("sapiens2_1b", img, 1, mask_ratio=0.75).summary()
+    sh = forward_stage_share("sapiens2_1b", img, 1)
+    lines += ["", f"At 75% MAE masking only the visible windows are computed: FLOPs {m['flops'] / a['flops']:.3f} and "
+                  f"bytes {m['bytes'] / a['bytes']:.3f} of the unmasked figures ({m['bytes'] / 1e9:.1f} GB, "
+                  f"{m['roofline_s'] * 1e3:.2f} ms). In an inference forward the tokenizer takes "
+                  f"{sh['tokenizer_roofline_s'] * 1e3:.2f} ms of the model's {sh['forward_roofline_s'] * 1e3:.2f} ms "
+                  f"({sh['tokenizer_share']:.1%}, roofline)."]
+    return "\n".join(lines)
+
+
+def _attention() -> str:
+    from .attention_cli import COLUMNS, LAYOUT_COLUMNS, attention_rows, layout_rows, markdown
+
+    return (markdown(COLUMNS, attention_rows(8, 3081)) + "\n\nThe 5B's attention layer, forward + backward, batch 8, "
+            "with the q/k/v projection writing 76-wide or zero-padded 80-wide head rows:\n\n"
+            + markdown(LAYOUT_COLUMNS, layout_rows(8, 3081)))
+
+
+def _gpu_rows(root: Path) -> list[dict]:
+    return json.loads((root / f"{GPU_REPORT}.json").read_text())["rows"]
+
+
+def _gpu_check(root: Path | None = None) -> str:
+    """Attention at B 8 x H 16 x N 3081 on the H200, from the committed GPU-check report: ours vs
+    SDPA's flash and cuDNN kernels and compiled FlexAttention, in ms (the report's figures)."""
+    root = root or _repo_root()
+    rows = _gpu_rows(root)
+
+    def ms(shape, impl, phase):
+        for r in rows:
+            if r["group"] == "attention" and r["shape"] == shape and r["impl"] == impl and r["phase"] == phase:
+                return f"{r['ms']:.3f}" if r.get("ms") is not None else "n/a"
+        return "n/a"
+
+    lines = ["| D | phase | ours | ours, deterministic | SDPA flash | SDPA cuDNN | FlexAttention (compiled) |",
+             "|---|---|---|---|---|---|---|"]
+    for D in (64, 80, 76):
+        shape = f"B8 H16/16 N3081 D={D}"
+        for phase in ("fwd", "fwd+bwd"):
+            det = ms(shape, "ours, deterministic bwd", phase) if phase == "fwd+bwd" else "—"
+            lines.append(f"| {D} | {phase} | {ms(shape, 'ours (triton)', phase)} | {det} | {ms(shape, 'sdpa flash', phase)} | "
+                         f"{ms(shape, 'sdpa cudnn', phase)} | {ms(shape, 'flex (compiled)', phase)} |")
+    return "\n".join(lines)
+
+
+RENDER = {"block-cost": _block_cost, "tokenizer-cost": _tokenizer_cost, "attention": _attention,
+          "gpu-check": _gpu_check}
+
+
+def _repo_root() -> Path:
+    return Path(__file__).resolve().parents[2]
+
+
+def render(name: str) -> str:
+    return RENDER[name]()
+
+
+def blocks_in(text: str) -> dict[str, str]:
+    """name -> the README's text between its markers (without them)."""
+    out = {}
+    for m in re.finditer(r"<!-- figures:([\w-]+) -->\n(.*?)\n<!-- /figures:\1 -->", text, re.S):
+        out[m.group(1)] = m.group(2)
+    return out
+
+
+def write(readme: Path) -> None:
+    text = readme.read_text()
+    for name in BLOCKS:
+        new = render(name)
+        text, n = re.subn(rf"(<!-- figures:{name} -->\n)(?:.*?\n)?(<!-- /figures:{name} -->)",
+                          lambda m: m.group(1) + new + "\n" + m.group(2), text, flags=re.S)
+        if n != 1:
+            raise ValueError(f"README has {n} blocks named {name!r}, expected 1")
+    readme.write_text(text)
+
+
+def main(argv=None) -> int:
+    argv = sys.argv[1:] if argv is None else argv
+    if "--write" in argv:
+        write(_repo_root() / "README.md")
+        return 0
+    for name in BLOCKS:
+        print(f"<!-- figures:{name} -->\n{render(name)}\n<!-- /figures:{name} -->\n")
+    return 0
+
+
+if __name__ == "__main__":
+    raise SystemExit(main())
