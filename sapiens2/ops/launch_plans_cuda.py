@@ -173,6 +173,10 @@ def _partial_sums(part, dtype):
     R, C = part.shape
     if part.dtype != torch.float32:  # the adapter sums other dtypes with ATen (the float64 reference path)
         return p
+    from .cuda.partial_sums import goes_to_triton
+
+    if goes_to_triton(part):
+        return _triton("partial_sums", part, dtype)
     _column_sum(p, "part", nbytes(part), "out0", C * torch.empty((), dtype=dtype).element_size())
     return p
 
