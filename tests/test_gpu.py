@@ -106,6 +106,24 @@ def test_swiglu_ffn_real_shape(C, backend):
 
 
 @pytest.mark.parametrize("backend", BACKENDS)
+@pytest.mark.parametrize("rows,cols", [(4 * 132, 2432), (16 * 132, 9728), (3072, 3 * 1536)],
+                         ids=["norm-partials", "ffn-bias-partials", "4k-window-bias-partials"])
+def test_partial_sums_real_shapes(rows, cols, backend):
+    """The gradient-finishing column sum at its real shapes (per-SM partial rows; the 1B-4K
+    tokenizer's 3072 per-window q/k/v bias partials): vs float64 within fp32 summation's bound
+    ((rows - 1) u sum |x|) plus the bf16 rounding of the result; bitwise repeatable."""
+    _need(backend, "partial_sums")
+    part = torch.randn(rows, cols, device="cuda", generator=torch.Generator("cuda").manual_seed(rows))
+    with ops.use_backend(backend, strict=True):
+        got = torch.ops.sapiens2.partial_sums(part, torch.bfloat16)
+        again = torch.ops.sapiens2.partial_sums(part, torch.bfloat16)
+    exact = part.double().sum(0)
+    bound = (rows - 1) * 2.0**-24 * part.double().abs().sum(0) + BF16_ULP * exact.abs()
+    assert ((got.double() - exact).abs() <= bound).all()
+    assert torch.equal(got, again)
+
+
+@pytest.mark.parametrize("backend", BACKENDS)
 @pytest.mark.parametrize("H,Hkv,D", [(16, 8, 64), (16, 16, 80), (32, 16, 76), (24, 12, 64)])
 def test_qk_norm_rope_real_shapes(H, Hkv, D, backend):
     _need(backend, "qk_norm_rope")
