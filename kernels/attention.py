@@ -4,8 +4,10 @@ valid lengths, on the projections' ``(B, N, heads, D)`` layout; the backward is 
 Contract: ``sapiens2/ops/attention.py`` (``_attention_ref`` / ``_attention_bwd_ref`` define it).
 
 Layout and head dims
-    q, o ``(B, N, H, D)``; k, v ``(B, N, Hkv, D)``, all contiguous with the TRUE head dim in memory
-    (no padding). Query head ``h`` reads KV head ``h // (H // Hkv)`` through its pointer; K and V
+    q, o ``(B, N, H, D)``; k, v ``(B, N, Hkv, D)``, heads and head dim contiguous with the TRUE head
+    dim in memory (no padding); the token stride may be larger (q, k, v as slots of one packed
+    projection, read in place). A 76-wide bf16 head row is 152 bytes, so D = 76 tiles load in
+    8-byte vectors where 64 and 80 use 16-byte ones (``compile_gate`` reports the share). Query head ``h`` reads KV head ``h // (H // Hkv)`` through its pointer; K and V
     are never expanded or copied. The head dim is covered by a power-of-two tile ``D0`` plus, when
     ``D`` is not a power of two, a masked 16-wide tile ``D1`` (``attention_prologue.split_head_dim``:
     76 and 80 -> 64 + 16), so every matmul is a legal wgmma K and D = 80 does 80/128 of the
