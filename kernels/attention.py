@@ -57,7 +57,8 @@ import triton.language as tl
 from ._aot import signature
 from ._common import INTERPRET as _INTERPRET
 from ._common import as_operand
-from .attention_prologue import LOG2E, ld, prologue_cols, prologue_rows, rstd_rows, seq_len, split_head_dim, tables
+from .attention_prologue import (LOG2E, head_rows_prologue, ld, prologue_cols, rstd_rows, seq_len, split_head_dim,
+                                 tables)
 
 _LN2 = tl.constexpr(0.6931471805599453)
 _split_head_dim = split_head_dim  # the name the tests and the cost model know
@@ -74,13 +75,8 @@ def _norm_rope_kernel(X, Y, W, SIN, COS, R, N, HEADS, P, SIN_BSTRIDE, SX, eps,
                       INTERPRET: tl.constexpr):
     """Rows r = (b*N + n)*HEADS + head of x (token stride SX): y = rope(norm(x) * w), contiguous, Y's dtype."""
     r = tl.program_id(0) * BLOCK_R + tl.arange(0, BLOCK_R)
-    rmask = r < R
-    tok = (r // HEADS) % N
-    b = r // (HEADS * N)
-    srow = b.to(tl.int64) * SIN_BSTRIDE + (tok - P).to(tl.int64) * D
-    x_off = (r // HEADS).to(tl.int64) * SX + (r % HEADS) * D
-    prologue_rows(X, Y, x_off, r.to(tl.int64) * D, tok, rmask, W, SIN, COS, srow, P, eps,
-                  D, D0, D1, HAS_D1, HAS_NORM, HAS_ROPE, INTERPRET)
+    head_rows_prologue(X, Y, r, r < R, HEADS, N, SX, W, SIN, COS, SIN_BSTRIDE, P, eps,
+                       D, D0, D1, HAS_D1, HAS_NORM, HAS_ROPE, INTERPRET)
 
 
 # ----------------------------------------------------------------------------------------------
@@ -134,7 +130,6 @@ def _attn_fwd_kernel(Q, K, V, O, LSE, QW, SIN, COS, SEQ_LENS,
     pid_bh = tl.program_id(1)
     b = pid_bh // H
     h = pid_bh % H
-    HKV = H // G
     hk = h // G
     L = seq_len(SEQ_LENS, b, N, HAS_LENS)
     offs_m = pid_m * BLOCK_M + tl.arange(0, BLOCK_M)

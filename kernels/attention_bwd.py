@@ -51,8 +51,8 @@ import triton.language as tl
 from ._common import INTERPRET as _INTERPRET
 from ._common import as_operand, store_val
 from .attention import FLAGS, HEAD_DIMS, add_config, head_dim_constexprs, is_real, prec, token_stride
-from .attention_prologue import (LOG2E, last_program, ld, prologue_bwd_tile, prologue_rows, seq_len, split_head_dim,
-                                 store_cols, store_rows, sum_rows, tables)
+from .attention_prologue import (LOG2E, head_rows_prologue, last_program, ld, prologue_bwd_tile, prologue_rows, seq_len,
+                                 split_head_dim, store_cols, store_rows, sum_rows, tables)
 
 
 # ----------------------------------------------------------------------------------------------
@@ -101,13 +101,8 @@ def _bwd_prep_kernel(O, DO, DELTA, DQ_ACC, Q, QP, QW, K, KP, KW, SIN, COS, SEQ_L
                           HAS_ROPE, INTERPRET)
     else:
         r = (pid - NQ) * BLOCK_R + tl.arange(0, BLOCK_R)
-        rmask = r < RK
-        tok = (r // HKV) % N
-        b = r // (HKV * N)
-        srow = b.to(tl.int64) * SIN_BSTRIDE + (tok - P).to(tl.int64) * D
-        k_in = (r // HKV).to(tl.int64) * SK + (r % HKV) * D
-        prologue_rows(K, KP, k_in, r.to(tl.int64) * D, tok, rmask, KW, SIN, COS, srow, P, eps,
-                      D, D0, D1, HAS_D1, HAS_NORM, HAS_ROPE, INTERPRET)
+        head_rows_prologue(K, KP, r, r < RK, HKV, N, SK, KW, SIN, COS, SIN_BSTRIDE, P, eps,
+                           D, D0, D1, HAS_D1, HAS_NORM, HAS_ROPE, INTERPRET)
 
 
 # ----------------------------------------------------------------------------------------------
@@ -327,7 +322,6 @@ def _bwd_dq_kernel(Q, K, V, DO, LSE, DELTA, DQ, SEQ_LENS, QRAW, QW, SIN, COS, DW
     pid_bh = tl.program_id(1)
     b = pid_bh // H
     h = pid_bh % H
-    HKV = H // G
     hk = h // G
     L = seq_len(SEQ_LENS, b, N, HAS_LENS)
     offs_m = pid_m * BLOCK_M + tl.arange(0, BLOCK_M)

@@ -156,6 +156,20 @@ def prologue_rows(X, Y, x_off, y_off, tok, rmask, W, SIN, COS, srow, P, eps,
 
 
 @triton.jit
+def head_rows_prologue(X, Y, r, rmask, HEADS, N, SX, W, SIN, COS, SIN_BSTRIDE, P, eps,
+                       D: tl.constexpr, D0: tl.constexpr, D1: tl.constexpr, HAS_D1: tl.constexpr,
+                       HAS_NORM: tl.constexpr, HAS_ROPE: tl.constexpr, INTERPRET: tl.constexpr):
+    """``prologue_rows`` on head rows ``r = (b*N + n)*HEADS + head`` of a ``(B, N, HEADS, D)`` x read
+    through its token stride SX, written contiguous to Y (the k pre-passes of forward and backward)."""
+    tok = (r // HEADS) % N
+    b = r // (HEADS * N)
+    srow = b.to(tl.int64) * SIN_BSTRIDE + (tok - P).to(tl.int64) * D
+    x_off = (r // HEADS).to(tl.int64) * SX + (r % HEADS) * D
+    prologue_rows(X, Y, x_off, r.to(tl.int64) * D, tok, rmask, W, SIN, COS, srow, P, eps,
+                  D, D0, D1, HAS_D1, HAS_NORM, HAS_ROPE, INTERPRET)
+
+
+@triton.jit
 def rot_half_t(u0, u1, D: tl.constexpr, D0: tl.constexpr, D1: tl.constexpr, HAS_D1: tl.constexpr):
     """``rot^T(u)[d] = sgn(d) * u[pc(d)]`` (``pc(d) = d +- D/2``, ``sgn = +1`` for ``d < D/2``, else -1)
     on the two column tiles of a register tile, as register gathers (exact). Tile 0's sources may lie
