@@ -27,7 +27,7 @@ def test_readme_block_is_current(name):
 
 @pytest.mark.parametrize("name", list(rf.BLOCKS))
 def test_every_figure_is_printed_by_the_named_command(name, capsys):
-    command, source = rf.BLOCKS[name]
+    command, source, _ = rf.BLOCKS[name]
     assert f"`{command}`" in README, f"the README must name the command printing the {name} figures"
     if isinstance(source, list):
         assert cli.main(source) == 0

@@ -6,6 +6,7 @@ from __future__ import annotations
 import json
 
 from .attention_roofline import attention_table, head_dim_layouts
+from .report import md_table
 
 COLUMNS = ["variant", "library", "D", "D in tiles", "fwd TFLOP", "fwd GB", "fwd ms", "bwd TFLOP", "bwd GB",
            "bwd kernels", "bwd ms", "bwd/fwd FLOPs"]
@@ -29,8 +30,7 @@ def layout_rows(B: int, N: int) -> list[list[str]]:
 
 
 def markdown(columns: list[str], rows: list[list[str]]) -> str:
-    lines = ["| " + " | ".join(columns) + " |", "|" + "---|" * len(columns)]
-    return "\n".join(lines + ["| " + " | ".join(r) + " |" for r in rows])
+    return md_table([dict(zip(columns, r)) for r in rows], columns).rstrip("\n")
 
 
 def add_attention_parser(subparsers) -> None:

@@ -98,11 +98,18 @@ class LoggedLaunch:
     writes: list = field(default_factory=list)
 
 
+_capi_lib: ctypes.CDLL | None = None
+
+
 def _capi() -> ctypes.CDLL:
-    lib = ctypes.CDLL(str(_loaded))  # the loaded extension itself (same handle, same emulator state)
-    lib.s2emu_log_kernel.restype = ctypes.c_char_p
-    lib.s2emu_log_ranges.argtypes = [ctypes.c_int, ctypes.c_int, ctypes.POINTER(ctypes.c_uint64), ctypes.c_int]
-    return lib
+    """The loaded extension itself through ctypes (same handle, same emulator state), once."""
+    global _capi_lib
+    if _capi_lib is None:
+        lib = ctypes.CDLL(str(_loaded))
+        lib.s2emu_log_kernel.restype = ctypes.c_char_p
+        lib.s2emu_log_ranges.argtypes = [ctypes.c_int, ctypes.c_int, ctypes.POINTER(ctypes.c_uint64), ctypes.c_int]
+        _capi_lib = lib
+    return _capi_lib
 
 
 @contextlib.contextmanager

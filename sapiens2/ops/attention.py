@@ -221,6 +221,25 @@ def _attention_bwd_flop(do, q, k, v, o, lse, qw, kw, sin, cos, p, seq_lens, scal
     return attention_backward_flops(B, N, H, D, bool(deterministic))
 
 
+def check_attention_options(ref_name: str, ref: Tensor, B: int, N: int, D: int, q_norm_weight, k_norm_weight, rope,
+                            num_prefix_tokens: int, seq_lens, scale, check_values: bool):
+    """The keyword arguments every attention entry point shares (``attention``, ``attention_qkv``,
+    ``attention_projected``), checked against ``ref`` (the activations, named ``ref_name``) with
+    ``B`` samples of ``N`` tokens and head dim ``D``. Returns ``(sin, cos, scale)``."""
+    if (q_norm_weight is None) != (k_norm_weight is None):
+        raise ValueError("q_norm_weight and k_norm_weight must be given together")
+    if q_norm_weight is not None:
+        for name, w in (("q_norm_weight", q_norm_weight), ("k_norm_weight", k_norm_weight)):
+            check_float(name, w)
+            check_shape(name, w, (D,))
+        check_same_device(**{ref_name: ref}, q_norm_weight=q_norm_weight, k_norm_weight=k_norm_weight)
+    sin, cos = (None, None) if rope is None else rope
+    check_rope(sin, cos, B, N, D, num_prefix_tokens, ref)
+    if seq_lens is not None:
+        check_seq_lens(seq_lens, B, N, ref, check_values)
+    return sin, cos, 1.0 / math.sqrt(D) if scale is None else float(scale)
+
+
 def attention(
     q: Tensor,
     k: Tensor,
@@ -243,19 +262,8 @@ def attention(
     ``check_values``: check the values of ``seq_lens`` (one device sync; skipped while compiling);
     callers that validated them already (the model, once per forward) pass ``False``."""
     B, N, H, Hkv, D = check_heads(q, k, v)
-    if (q_norm_weight is None) != (k_norm_weight is None):
-        raise ValueError("q_norm_weight and k_norm_weight must be given together")
-    if q_norm_weight is not None:
-        check_float("q_norm_weight", q_norm_weight)
-        check_float("k_norm_weight", k_norm_weight)
-        check_shape("q_norm_weight", q_norm_weight, (D,))
-        check_shape("k_norm_weight", k_norm_weight, (D,))
-        check_same_device(q=q, q_norm_weight=q_norm_weight, k_norm_weight=k_norm_weight)
-    sin, cos = (None, None) if rope is None else rope
-    check_rope(sin, cos, B, N, D, num_prefix_tokens, q)
-    if seq_lens is not None:
-        check_seq_lens(seq_lens, B, N, q, check_values)
-    scale = 1.0 / math.sqrt(D) if scale is None else float(scale)
+    sin, cos, scale = check_attention_options("q", q, B, N, D, q_norm_weight, k_norm_weight, rope, num_prefix_tokens,
+                                              seq_lens, scale, check_values)
     o, _ = torch.ops.sapiens2.attention(
         q, k, v, q_norm_weight, k_norm_weight, sin, cos, int(num_prefix_tokens), seq_lens, scale, float(norm_eps),
         determinism.resolve(deterministic),

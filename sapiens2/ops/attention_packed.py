@@ -10,7 +10,6 @@ per-slot GEMMs, no gradient adds, no concatenation). Semantics are ``sapiens2.op
 
 from __future__ import annotations
 
-import math
 from typing import Optional
 
 import torch
@@ -18,9 +17,9 @@ from torch import Tensor
 from torch.utils.flop_counter import register_flop_formula
 
 from . import backend, determinism
-from ._checks import check_float, check_same_device, check_seq_lens, check_shape, stat_dtype
-from .attention import _attention_bwd_ref, _attention_ref, attention_backward_flops, attention_flops, kernel_limits
-from .qk_norm_rope import check_rope
+from ._checks import check_float, stat_dtype
+from .attention import (_attention_bwd_ref, _attention_ref, attention_backward_flops, attention_flops,
+                        check_attention_options, kernel_limits)
 
 
 def split_qkv(qkv: Tensor, num_heads: int) -> tuple[Tensor, Tensor, Tensor]:
@@ -163,18 +162,8 @@ def attention_qkv(
     if Hkv2 < 2 or Hkv2 % 2 or num_heads % (Hkv2 // 2):
         raise ValueError(f"qkv's {HH} heads must be num_heads={num_heads} query heads plus 2 x kv heads that divide "
                          "them")
-    if (q_norm_weight is None) != (k_norm_weight is None):
-        raise ValueError("q_norm_weight and k_norm_weight must be given together")
-    if q_norm_weight is not None:
-        for name, w in (("q_norm_weight", q_norm_weight), ("k_norm_weight", k_norm_weight)):
-            check_float(name, w)
-            check_shape(name, w, (D,))
-        check_same_device(qkv=qkv, q_norm_weight=q_norm_weight, k_norm_weight=k_norm_weight)
-    sin, cos = (None, None) if rope is None else rope
-    check_rope(sin, cos, B, N, D, num_prefix_tokens, qkv)
-    if seq_lens is not None:
-        check_seq_lens(seq_lens, B, N, qkv, check_values)
-    scale = 1.0 / math.sqrt(D) if scale is None else float(scale)
+    sin, cos, scale = check_attention_options("qkv", qkv, B, N, D, q_norm_weight, k_norm_weight, rope,
+                                              num_prefix_tokens, seq_lens, scale, check_values)
     o, _ = torch.ops.sapiens2.attention_qkv(qkv, int(num_heads), q_norm_weight, k_norm_weight, sin, cos,
                                             int(num_prefix_tokens), seq_lens, scale, float(norm_eps),
                                             determinism.resolve(deterministic))

@@ -8,7 +8,6 @@ backward would do); then ``dx = dqkv W`` and ``dW = dqkv^T x``, one GEMM each.
 
 from __future__ import annotations
 
-import math
 from typing import Optional
 
 import torch
@@ -16,9 +15,9 @@ import torch.nn.functional as F
 from torch import Tensor
 
 from . import backend, determinism
-from ._checks import check_float, check_seq_lens, check_shape
+from ._checks import check_float, check_shape
+from .attention import check_attention_options
 from .attention_packed import attention_qkv, split_qkv  # noqa: F401  (registers the packed ops)
-from .qk_norm_rope import check_rope
 
 
 class _ProjectedAttention(torch.autograd.Function):
@@ -90,16 +89,8 @@ def attention_projected(
     if bias is not None:
         check_float("bias", bias)
         check_shape("bias", bias, (weight.shape[0],))
-    if (q_norm_weight is None) != (k_norm_weight is None):
-        raise ValueError("q_norm_weight and k_norm_weight must be given together")
-    if q_norm_weight is not None:
-        check_shape("q_norm_weight", q_norm_weight, (D,))
-        check_shape("k_norm_weight", k_norm_weight, (D,))
-    sin, cos = (None, None) if rope is None else rope
-    check_rope(sin, cos, B, N, D, num_prefix_tokens, x)
-    if seq_lens is not None:
-        check_seq_lens(seq_lens, B, N, x, check_values)
-    scale = 1.0 / math.sqrt(D) if scale is None else float(scale)
+    sin, cos, scale = check_attention_options("x", x, B, N, D, q_norm_weight, k_norm_weight, rope, num_prefix_tokens,
+                                              seq_lens, scale, check_values)
     return _ProjectedAttention.apply(x, weight, bias, int(num_heads), q_norm_weight, k_norm_weight, sin, cos,
                                      int(num_prefix_tokens), seq_lens, scale, float(norm_eps),
                                      determinism.resolve(deterministic))

@@ -355,29 +355,24 @@ def _attention_backward(do, q, k, v, o, lse, q_norm_weight, k_norm_weight, sin, 
     finish = []  # the last program's reads and writes of the norm-weight partials
     if has_norm:
         finish = [(parts, (n_kparts + n_qparts) * D * 4), (counter, 4)]
+    # the dQ kernel (deterministic) or the finalize: dq, the last program's norm-weight gradients, bias partials
+    writes = [("out0", nbytes(q))]
+    if has_norm:
+        writes += [(parts, n_qparts * D * 4), (counter, 4), ("out4", nbytes(k_norm_weight)),
+                   ("out3", nbytes(q_norm_weight))]
+    if bias_grad:
+        writes.append((bq, B * n_qb * H * D * 4))
     if deterministic:
         reads = lens_read + [(qp, nbytes(q)), (kp, sum(lengths) * Hkv * D * es), ("v", sum(lengths) * Hkv * D * es),
                              ("do", nbytes(do))]
         if prologue:
             reads += [("q", nbytes(q))] + wq
         reads += [("lse", B * H * N * 4), (delta, B * H * N * 4)] + (tables if prologue else []) + finish
-        writes = [("out0", nbytes(q))]
-        if has_norm:
-            writes += [(parts, n_qparts * D * 4), (counter, 4), ("out4", nbytes(k_norm_weight)),
-                       ("out3", nbytes(q_norm_weight))]
-        if bias_grad:
-            writes.append((bq, B * n_qb * H * D * 4))
         pairs = sum(_cdiv(L_, dqc["BLOCK_N"]) * _cdiv(L_, dqc["BLOCK_M"]) for L_ in lengths) * H
         p.add("triton:attention_bwd._bwd_dq_kernel", reads, writes,
               pairs * 3 * 2 * dqc["BLOCK_M"] * dqc["BLOCK_N"] * Dt, matmul=True)
     else:
         reads = [(acc, RQ * D * 4)] + ([("q", nbytes(q))] + wq + tables if prologue else []) + finish
-        writes = [("out0", nbytes(q))]
-        if has_norm:
-            writes += [(parts, n_qparts * D * 4), (counter, 4), ("out4", nbytes(k_norm_weight)),
-                       ("out3", nbytes(q_norm_weight))]
-        if bias_grad:
-            writes.append((bq, B * n_qb * H * D * 4))
         p.add("triton:attention_bwd._bwd_dq_finalize_kernel", reads, writes)
     if bias_grad:
         p.add("triton:column_sum._column_sum_kernel", [(bq, B * n_qb * H * D * 4)], [("out5", H * D * es)])

@@ -188,22 +188,24 @@ def _same_kernel_dtype(q_weight, k_weight) -> bool:
     return q_weight.dtype == k_weight.dtype and q_weight.dtype in (torch.float32, torch.float16, torch.bfloat16)
 
 
-def _qk_inputs(p: Plan, q_weight, k_weight, sin, cos):
+def _qk_inputs(p: Plan, q, q_weight, k_weight, sin, cos, num_prefix_tokens):
     """The adapter's fp32 copies, in its order: tables not in fp32 (two casts), then norm weights of
-    different or unsupported dtypes. Returns the (label, bytes) the kernel reads for them."""
+    different or unsupported dtypes. Returns the (label, bytes) the kernel reads for them (the tables
+    only when some token is rotated)."""
     reads = []
 
-    def fp32(name, t):
-        if t.dtype == torch.float32:
-            reads.append((name, nbytes(t)))
-        else:
-            c = p.alloc(f"scratch:{name}32", t.numel() * 4)
-            p.add("aten._to_copy", [(name, nbytes(t))], [(c, t.numel() * 4)])
-            reads.append((c, t.numel() * 4))
+    def fp32(name, t, read=True):
+        label = name
+        if t.dtype != torch.float32:
+            label = p.alloc(f"scratch:{name}32", t.numel() * 4)
+            p.add("aten._to_copy", [(name, nbytes(t))], [(label, t.numel() * 4)])
+        if read:
+            reads.append((label, t.numel() * 4))
 
     if sin is not None:
-        fp32("sin", sin)
-        fp32("cos", cos)
+        rotated = q.shape[1] > num_prefix_tokens
+        fp32("sin", sin, rotated)
+        fp32("cos", cos, rotated)
     if _same_kernel_dtype(q_weight, k_weight):
         reads += [("q_weight", nbytes(q_weight)), ("k_weight", nbytes(k_weight))]
     else:
@@ -224,10 +226,8 @@ def _qk_grid(q, per_sm: int) -> int:
 @register_plan("sapiens2::qk_norm_rope", CU)
 def _qk_norm_rope(q, k, q_weight, k_weight, sin, cos, num_prefix_tokens, eps):
     p = Plan()
-    reads = _qk_inputs(p, q_weight, k_weight, sin, cos)
+    reads = _qk_inputs(p, q, q_weight, k_weight, sin, cos, num_prefix_tokens)
     B, N, H, D = q.shape
-    if sin is not None and N <= num_prefix_tokens:
-        reads = [r for r in reads if not r[0].startswith(("sin", "cos", "scratch:sin", "scratch:cos"))]
     if B * N:
         p.add("cuda:qk_norm_rope_fwd_kernel", [("q", nbytes(q)), ("k", nbytes(k))] + reads,
               [("out0", nbytes(q)), ("out1", nbytes(k)), ("out2", B * N * H * 4), ("out3", B * N * k.shape[2] * 4)])
@@ -237,10 +237,8 @@ def _qk_norm_rope(q, k, q_weight, k_weight, sin, cos, num_prefix_tokens, eps):
 @register_plan("sapiens2::qk_norm_rope_backward", CU)
 def _qk_norm_rope_backward(dq, dk, q, k, q_weight, k_weight, sin, cos, q_rstd, k_rstd, num_prefix_tokens):
     p = Plan()
-    reads = _qk_inputs(p, q_weight, k_weight, sin, cos)
+    reads = _qk_inputs(p, q, q_weight, k_weight, sin, cos, num_prefix_tokens)
     B, N, H, D = q.shape
-    if sin is not None and N <= num_prefix_tokens:
-        reads = [r for r in reads if not r[0].startswith(("sin", "cos", "scratch:sin", "scratch:cos"))]
     parts = _qk_grid(q, 4)
     dq_part, dk_part = p.alloc("scratch:dqw_part", parts * D * 4), p.alloc("scratch:dkw_part", parts * D * 4)
     p.add("cuda:qk_norm_rope_bwd_kernel",
