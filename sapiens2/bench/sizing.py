@@ -33,21 +33,41 @@ def storage_key(t: torch.Tensor) -> int:
     return t.untyped_storage()._cdata
 
 
-def saved_bytes(fn, params) -> int:
+def saved_bytes(fn, params, checkpointed: tuple = ()) -> int:
     """Bytes kept for backward while ``fn()`` runs: each saved storage once, parameters (and views
-    of them, e.g. a transposed weight) excluded."""
+    of them, e.g. a transposed weight) excluded.
+
+    ``checkpointed``: modules under non-reentrant activation checkpointing; the inputs each holds
+    until its recompute are counted too (recent PyTorch saves them through the saved-tensor hooks,
+    older releases keep them in the checkpoint frame out of the hooks' sight; storages count once
+    either way). Inside a checkpointed region the checkpoint's own hooks replace these, so what the
+    recompute keeps is not counted here."""
     param_storages = {storage_key(p) for p in params}
     seen: dict[int, int] = {}
 
-    def pack(t: torch.Tensor):
+    def keep(t: torch.Tensor) -> None:
         key = storage_key(t)
         if key not in param_storages:
             seen.setdefault(key, t.untyped_storage().nbytes())
+
+    def pack(t: torch.Tensor):
+        keep(t)
         return t
 
-    with torch.autograd.graph.saved_tensors_hooks(pack, lambda t: t):
-        out = fn()
-    del out
+    def pre_hook(_module, args, kwargs):
+        for a in (*args, *kwargs.values()):
+            for t in (a if isinstance(a, (tuple, list)) else (a,)):
+                if isinstance(t, torch.Tensor) and t.is_floating_point():
+                    keep(t)
+
+    handles = [m.register_forward_pre_hook(pre_hook, with_kwargs=True) for m in checkpointed]
+    try:
+        with torch.autograd.graph.saved_tensors_hooks(pack, lambda t: t):
+            out = fn()
+        del out
+    finally:
+        for h in handles:
+            h.remove()
     return sum(seen.values())
 
 

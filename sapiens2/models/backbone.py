@@ -11,7 +11,7 @@ from torch.nn.init import trunc_normal_
 
 from ..ops._checks import check_seq_lens, values_checkable
 from .config import ArchConfig, get_arch
-from .layers import Block, RMSNorm, linear_patch_embed, settle
+from .layers import Block, RMSNorm, linear_patch_embed, reset_weights, settle
 from .rope import Rope2D
 from .tokenizer import WindowTokenizer
 
@@ -102,15 +102,7 @@ class Sapiens2Backbone(nn.Module):
     def init_weights(self) -> None:
         """The official initialisation: truncated normal (std 0.02) for Linear/Conv weights, the CLS,
         register and tokenizer tokens; zero biases; unit norm weights; LayerScale at its init value."""
-        for m in self.modules():
-            if isinstance(m, (nn.Linear, nn.Conv2d)):
-                trunc_normal_(m.weight, std=0.02)
-                if m.bias is not None:
-                    nn.init.zeros_(m.bias)
-            elif isinstance(m, RMSNorm):
-                nn.init.ones_(m.weight)
-            elif m.__class__.__name__ == "LayerScale":
-                nn.init.constant_(m.weight, m.init)
+        reset_weights(self)
         trunc_normal_(self.cls_token, std=0.02)
         trunc_normal_(self.storage_tokens, std=0.02)
         if self.tokenizer is not None:
@@ -235,6 +227,7 @@ class Sapiens2Backbone(nn.Module):
         sd = load_checkpoint(path, trust_pickle=trust_pickle)
         cfg, use_tokenizer = infer_config(sd)
         kwargs.setdefault("use_tokenizer", use_tokenizer)
+        kwargs.setdefault("patch_size", int(sd["patch_embed.projection.weight"].shape[-1]))
         model = cls(cfg, device="meta", **kwargs)
         model.to_empty(device="cpu")
         model.load_state_dict(sd, strict=True)

@@ -11,6 +11,8 @@ yet added to ``h``, so that each residual add is fused with the RMSNorm that fol
 
 from __future__ import annotations
 
+import contextlib
+import threading
 from typing import Optional
 
 import torch
@@ -119,10 +121,26 @@ class Attention(nn.Module):
 
 
 _QKV = ("wq", "wk", "wv")
+_NATIVE = threading.local()
+
+
+@contextlib.contextmanager
+def native_state_dict():
+    """Inside this context ``state_dict()`` / ``load_state_dict()`` use the packed ``wqkv`` keys as they
+    are (no official ``wq``/``wk``/``wv`` conversion): what sharded training checkpoints need, since the
+    conversion would split and concatenate sharded tensors."""
+    before = getattr(_NATIVE, "on", False)
+    _NATIVE.on = True
+    try:
+        yield
+    finally:
+        _NATIVE.on = before
 
 
 def _merge_qkv(module: Attention, state_dict, prefix, *args) -> None:
     """Load hook: official ``wq`` / ``wk`` / ``wv`` entries become one ``wqkv`` entry (concatenated)."""
+    if getattr(_NATIVE, "on", False):
+        return
     for p in ("weight", "bias"):
         keys = [f"{prefix}{m}.{p}" for m in _QKV]
         if all(k in state_dict for k in keys):
@@ -133,7 +151,7 @@ def _split_qkv(module: Attention, state_dict, prefix, local_metadata) -> None:
     """state_dict hook: ``wqkv`` is reported as the official ``wq`` / ``wk`` / ``wv`` entries (row views of
     it), in the official key order."""
     keys = {f"{prefix}wqkv.{p}": p for p in ("weight", "bias")}
-    if not any(k in state_dict for k in keys):
+    if getattr(_NATIVE, "on", False) or not any(k in state_dict for k in keys):
         return
     items = list(state_dict.items())
     state_dict.clear()
@@ -164,6 +182,22 @@ class Block(nn.Module):
         a = self.attn(y, rope, num_prefix_tokens, seq_lens)
         y, h = self.ln2(a, residual=h, x_scale=self.attn.x_scale)
         return h, self.ffn(y)
+
+
+@torch.no_grad()
+def reset_weights(module: nn.Module) -> None:
+    """The official initialisation of the layers inside ``module``: truncated normal (std 0.02) for
+    Linear/Conv weights, zero biases, unit RMSNorm weights, LayerScale at its init value. (Learned
+    tokens are their owners' business.)"""
+    for m in module.modules():
+        if isinstance(m, (nn.Linear, nn.Conv2d)):
+            nn.init.trunc_normal_(m.weight, std=0.02)
+            if m.bias is not None:
+                nn.init.zeros_(m.bias)
+        elif isinstance(m, RMSNorm):
+            nn.init.ones_(m.weight)
+        elif isinstance(m, LayerScale):
+            nn.init.constant_(m.weight, m.init)
 
 
 def settle(h: Tensor, pending: Optional[Tensor]) -> Tensor:
