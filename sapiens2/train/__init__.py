@@ -1,0 +1,1 @@
+"""Training: the data pipeline and the trainer's pieces (run under torchrun)."""
