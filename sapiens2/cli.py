@@ -188,6 +188,12 @@ def cmd_bench_model(args) -> int:
     return 0
 
 
+def cmd_pretrain(args) -> int:
+    from .pretrain.cli import run
+
+    return run(args)
+
+
 def build_parser() -> argparse.ArgumentParser:
     p = argparse.ArgumentParser(prog="sapiens2", description="Sapiens2: fast kernels, model, cost accounting.")
     sub = p.add_subparsers(dest="command", required=True)
@@ -202,6 +208,13 @@ def build_parser() -> argparse.ArgumentParser:
     f.add_argument("--schedule", choices=("ours", "official"), default="ours")
     f.add_argument("--json", action="store_true")
     f.set_defaults(func=cmd_flops)
+
+    pt = sub.add_parser("pretrain", help="pretrain a backbone (MAE + [CLS] self-distillation, FSDP2); "
+                        "--preset tiny --data synthetic runs on a CPU in about a minute")
+    from .pretrain.cli import add_arguments
+
+    add_arguments(pt)
+    pt.set_defaults(func=cmd_pretrain)
 
     i = sub.add_parser("info", help="versions, GPU, and which op backends are available")
     i.add_argument("--json", action="store_true")

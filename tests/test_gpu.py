@@ -10,6 +10,7 @@ as in the interpreter tests.
 """
 
 import math
+import os
 
 import pytest
 import torch
@@ -265,3 +266,24 @@ def test_model_kernels_match_reference(backend, tokenizer):
     kw = dict(img_size=(1024, 768), use_tokenizer=True) if tokenizer else {}
     err, low_err, scale = _model_vs_reference(backend, **kw)
     assert err <= 2 * low_err + BF16_ULP * scale, (err, low_err, scale)
+
+
+def test_pretraining_steps_on_the_gpu(tmp_path):
+    """A few tiny-preset pretraining steps on the GPU in bf16 (NCCL one-rank group, FSDP2 mixed
+    precision, the Triton/CUDA kernels): finite losses, and the GPU-only log fields (MFU, memory)."""
+    import json
+    import subprocess
+    import sys
+
+    env = {k: v for k, v in os.environ.items() if k != "TRITON_INTERPRET"}
+    out = tmp_path / "run"
+    p = subprocess.run([sys.executable, "-m", "sapiens2.pretrain", "--preset", "tiny", "--steps", "4", "--out", str(out),
+                        "--set", "run.precision=bf16", "--set", "run.progress=false", "--export", "teacher"],
+                       env=env, capture_output=True, text=True, timeout=600)
+    assert p.returncode == 0, p.stderr[-3000:]
+    rows = [json.loads(line) for line in (out / "metrics.jsonl").read_text().splitlines()]
+    assert len(rows) == 4
+    for r in rows:
+        assert all(math.isfinite(r[k]) for k in ("loss", "loss_mae", "loss_cl")), r
+        assert r["mfu"] > 0 and r["gpu_mem_gb"] > 0
+    assert (out / "backbone_teacher.safetensors").exists()
