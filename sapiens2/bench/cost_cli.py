@@ -1,5 +1,6 @@
 """``sapiens2 bench cost``: memory traffic, kernels, FLOPs and bytes kept for backward of one block
-(or the 4K tokenizer stage), ours vs the official code as PyTorch runs it on a GPU."""
+(or the 4K tokenizer stage, or one pretraining step: ``pretrain_cost.py``), ours vs the official code
+as PyTorch runs it on a GPU."""
 
 from __future__ import annotations
 
@@ -39,6 +40,11 @@ def cost_pairs(arch: str, img, batch: int = 1, stage: str = "block"):
 
     if stage == "tokenizer":
         return [(tokenizer_costs(arch, img, batch), tokenizer_costs(arch, img, batch, official=True))]
+    if stage == "pretrain":  # one whole pretraining step (teacher + student), ours vs the baseline recipe
+        from .pretrain_cost import pretrain_costs
+
+        ours, base = pretrain_costs(arch, img, batch, parts=False)
+        return [(ours.total, base.total)]
     pairs = [block_costs(arch, img, batch, gqa=False)]
     if get_arch(arch).gqa_layers():
         pairs.append(block_costs(arch, img, batch, gqa=True))
@@ -47,17 +53,24 @@ def cost_pairs(arch: str, img, batch: int = 1, stage: str = "block"):
 
 def add_cost_parser(subparsers) -> None:
     p = subparsers.add_parser("cost", help="memory traffic / kernels / saved bytes, ours vs the official block")
-    p.add_argument("--arch", default="sapiens2_0.4b")
+    p.add_argument("--arch", default=None, help="default sapiens2_0.4b (sapiens2_1b for --stage pretrain)")
     p.add_argument("--img", type=int, nargs=2, default=None, metavar=("H", "W"),
-                   help="default 1024 768 (4096 3072 for --stage tokenizer)")
+                   help="default 1024 768 (4096 3072 for --stage tokenizer; global views for --stage pretrain)")
     p.add_argument("--batch", type=int, default=1)
-    p.add_argument("--stage", choices=("block", "tokenizer"), default="block")
-    p.add_argument("--mask-ratio", type=float, default=0.0, help="tokenizer stage: also cost this MAE ratio")
+    p.add_argument("--stage", choices=("block", "tokenizer", "pretrain"), default="block",
+                   help="pretrain: one pretraining step per image, ours vs the official backbone + plain PyTorch")
+    p.add_argument("--mask-ratio", type=float, default=None,
+                   help="tokenizer stage: also cost this MAE ratio; pretrain stage: the global views' (default 0.75)")
     p.add_argument("--json", action="store_true")
     p.set_defaults(func=run_cost)
 
 
 def run_cost(args) -> int:
+    if args.stage == "pretrain":
+        from .pretrain_cost import run_pretrain_cost
+
+        return run_pretrain_cost(args)
+    args.arch = args.arch or "sapiens2_0.4b"
     img = tuple(args.img) if args.img else ((4096, 3072) if args.stage == "tokenizer" else (1024, 768))
     pairs = cost_pairs(args.arch, img, args.batch, args.stage)
     masked = None

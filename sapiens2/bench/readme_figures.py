@@ -102,6 +102,51 @@ def _gpu_check(root: Path | None = None) -> str:
     return "\n".join(lines)
 
 
+def _pretrain_cost() -> str:
+    from .pretrain_cost import describe, format_table, pretrain_config, pretrain_costs
+
+    cfg = pretrain_config("sapiens2_1b", (1024, 768))
+    ours, base = pretrain_costs("sapiens2_1b", (1024, 768), 1, cfg=cfg)
+    return "```\n" + describe(cfg, 1) + "\n" + format_table(ours, base) + "\n```"
+
+
+def _pretrain_dry_run() -> str:
+    from ..pretrain.config import get_preset
+    from ..pretrain.dry_run import dry_run, format_plan
+
+    cfg = get_preset("5b")
+    text = format_plan(cfg, [dry_run(cfg, g) for g in (8, 64, 512)])
+    # the measuring time varies from run to run: not a figure of the plan
+    return "```\n" + re.sub(r"\(bf16, \d+\.\d+ s\)", "(bf16)", text) + "\n```"
+
+
+PROBE_REPORT = "docs/measured/pretrain_probe"
+
+
+def _pretrain_probe(root: Path | None = None) -> str:
+    """The learning check, from the committed probe results (``{PROBE_REPORT}_{recipe}.json``; the
+    command's printed reports are in ``{PROBE_REPORT}.txt``)."""
+    from .pretrain_probe import PROBE_LABELS
+
+    root = root or _repo_root()
+    r = {k: json.loads((root / f"{PROBE_REPORT}_{k}.json").read_text()) for k in ("preset", "learning")}
+    p, q = r["preset"], r["learning"]
+    lines = ["| k-NN on the teacher's [CLS], held out | tiny preset: init | trained | learning recipe: init | "
+             "trained | raw pixels |", "|---|---:|---:|---:|---:|---:|"]
+    for key, label in PROBE_LABELS.items():
+        lines.append(f"| {label.strip()} | {p['accuracy']['init'][key]:.1%} | {p['accuracy']['trained'][key]:.1%} | "
+                     f"{q['accuracy']['init'][key]:.1%} | {q['accuracy']['trained'][key]:.1%} | "
+                     f"{p['accuracy']['pixels'][key]:.1%} |")
+    for name, x in (("tiny preset", p), ("learning recipe", q)):
+        t = x["pretrain"]
+        lines.append("")
+        lines.append(f"{name}: {t['steps']} steps x {t['global_batch']} images; loss_mae "
+                     f"{t['loss_mae']['first']:.4f} -> {t['loss_mae']['last']:.4f}, loss_cl "
+                     f"{t['loss_cl']['first']:.4f} -> {t['loss_cl']['last']:.4f} (log K = "
+                     f"{t['log_num_prototypes']:.4f}); learned (trained > init): {x['learned']}.")
+    return "\n".join(lines)
+
+
 # name -> (the command printing the figures, as a user types it; its argv for sapiens2.cli.main or
 # a file of the repository holding them; the block's renderer)
 BLOCKS = {
@@ -112,6 +157,12 @@ BLOCKS = {
                        _tokenizer_cost),
     "attention": ("sapiens2 bench attention", ["bench", "attention"], _attention),
     "gpu-check": ("make gpu-check", f"{GPU_REPORT}.md", _gpu_check),
+    "pretrain-cost": ("sapiens2 bench cost --stage pretrain --arch sapiens2_1b",
+                      ["bench", "cost", "--stage", "pretrain", "--arch", "sapiens2_1b"], _pretrain_cost),
+    "pretrain-probe": ("python -m sapiens2.bench.pretrain_probe --out DIR [--recipe learning]",
+                       f"{PROBE_REPORT}.txt", _pretrain_probe),
+    "pretrain-dry-run": ("sapiens2 pretrain --preset 5b --dry-run --gpus 8 64 512",
+                         ["pretrain", "--preset", "5b", "--dry-run", "--gpus", "8", "64", "512"], _pretrain_dry_run),
 }
 
 
