@@ -1,8 +1,14 @@
 """Parity with the official Sapiens2 code, through fixtures it produced (scripts/make_parity_fixtures.py):
 tiny configs with stored weights, and real widths (the 0.1B and 0.4B widths with a GQA layer, the 4K
-tokenizer at width 768) with seeded weights (tests/parity_weights.py). The reference backend
-reproduces every one bit for bit, with bf16 RoPE (the official default, which rounds q and k through
-bf16 and so amplifies any upstream difference) and fp32 RoPE."""
+tokenizer at width 768) with seeded weights (tests/parity_weights.py), with bf16 RoPE (the official
+default, which rounds q and k through bf16 and so amplifies any upstream difference) and fp32 RoPE.
+
+Each fixture also holds the official module's output in float64 throughout (``output.exact``). Our
+output is held to the tolerance rule against it: error <= 2 x (the official float32 run's error) +
+1 ulp, per RoPE precision. Equal bits are not asked for: float32 results depend on the machine's
+GEMM kernels (the same code gives different last bits on AVX2 and AVX-512 machines), and where our
+layout differs from the official one (one packed q/k/v GEMM) the summation order differs too. On the
+machine that generated the fixtures the GQA configs do come out bit for bit equal."""
 
 import ast
 import json
@@ -13,6 +19,7 @@ import torch
 from safetensors import safe_open
 
 from parity_weights import image, weights
+from tolerance import check
 from sapiens2 import ArchConfig, Sapiens2Backbone, infer_config, load_checkpoint
 from sapiens2.ops import use_backend
 
@@ -42,9 +49,7 @@ def test_raw_output_matches_official(name, rope):
     model.load_state_dict(sd, strict=True)
     with torch.no_grad(), use_backend("reference"):
         out = model(t["input"])
-    expected = t[f"output.rope_{rope}"]
-    assert out.shape == expected.shape
-    assert (out - expected).abs().max().item() <= 1e-5
+    check(f"{name} rope {rope}", out, t["output.exact"], t[f"output.rope_{rope}"], torch.float32)
 
 
 @pytest.mark.parametrize("name", NAMES)
@@ -52,16 +57,17 @@ def test_out_types(name):
     cfg, kwargs, sd, t = load_fixture(name)
     model = Sapiens2Backbone(cfg, **kwargs).eval()
     model.load_state_dict(sd)
-    raw = t["output.rope_bf16"]
     H, W = t["input"].shape[-2:]
     (_, _), (th, tw) = model.grids(H, W)
     with torch.no_grad():
+        model.out_type = "raw"
+        raw = model(t["input"])
         model.out_type = "cls_token"
-        assert torch.allclose(model(t["input"]), raw[:, 0], atol=1e-5)
+        assert torch.equal(model(t["input"]), raw[:, 0])
         model.out_type = "featmap"
         fm = model(t["input"])
     assert fm.shape == (raw.shape[0], cfg.embed_dims, th, tw)
-    assert torch.allclose(fm.flatten(2).transpose(1, 2), raw[:, 9:], atol=1e-5)
+    assert torch.equal(fm.flatten(2).transpose(1, 2), raw[:, 9:])
 
 
 @pytest.mark.parametrize("name", NAMES)
@@ -78,7 +84,7 @@ def test_from_checkpoint_infers_arch(name, tmp_path):
     model = Sapiens2Backbone.from_checkpoint(str(path)).eval()
     with torch.no_grad():
         out = model(t["input"])
-    assert (out - t["output.rope_bf16"]).abs().max().item() <= 1e-5
+    check(f"{name} from_checkpoint", out, t["output.exact"], t["output.rope_bf16"], torch.float32)
 
 
 SEEDED = ["w768_gqa", "w1024_gqa", "w768_tokenizer"]
@@ -104,12 +110,10 @@ def load_seeded(name):
 
 @pytest.mark.parametrize("name", SEEDED)
 @pytest.mark.parametrize("rope", ["bf16", "fp32"])
-def test_real_width_output_matches_official_bit_for_bit(name, rope):
+def test_real_width_output_matches_official(name, rope):
     cfg, kwargs, img, sd, x, t = load_seeded(name)
     model = Sapiens2Backbone(cfg, img_size=img, rope_dtype=rope, **kwargs).eval()
     model.load_state_dict(sd, strict=True)
     with torch.no_grad(), use_backend("reference"):
         out = model(x)
-    expected = t[f"output.rope_{rope}"]
-    assert out.shape == expected.shape
-    assert torch.equal(out, expected), (out - expected).abs().max().item()
+    check(f"{name} rope {rope}", out, t["output.exact"], t[f"output.rope_{rope}"], torch.float32)
