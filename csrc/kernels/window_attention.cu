@@ -37,7 +37,9 @@
 //   output byte written once.
 // cls_pool: one query per unit (the CLS), keys = its CLS key + the w*w tokens. Forward: scores
 //   (thread per (unit, key)), softmax (thread per unit), o = sum_j p_j v_j (thread per 4-wide
-//   chunk of D, V read straight from global memory, coalesced). Backward likewise with
+//   chunk of D, V read straight from global memory, coalesced). Backward likewise, P recomputed
+//   by the forward's own softmax and delta = sum_j p_j dP_j (the row is short and whole: neither
+//   the saved lse nor O is read), with
 //   dK_j = dS_j cq, dV_j = p_j dO, dcq = sum_j dS_j k_j (dck, dcv are the j = 0 terms).
 //
 // Global traffic: every input byte is read once per kernel and every output byte (the bias
@@ -101,6 +103,17 @@ __device__ __forceinline__ void sts4(float* p, const F4& v) {
 __device__ __forceinline__ float dot4(const F4& a, const F4& b) {
   return fmaf(a.x, b.x, fmaf(a.y, b.y, fmaf(a.z, b.z, a.w * b.w)));
 }
+
+// acc += a * b lane by lane: a long dot product kept as four partial sums (summed by sum4 at the
+// end) rounds like a 4-way blocked sum, not a 1-way chain.
+__device__ __forceinline__ void fma4(F4& acc, const F4& a, const F4& b) {
+  acc.x = fmaf(a.x, b.x, acc.x);
+  acc.y = fmaf(a.y, b.y, acc.y);
+  acc.z = fmaf(a.z, b.z, acc.z);
+  acc.w = fmaf(a.w, b.w, acc.w);
+}
+
+__device__ __forceinline__ float sum4(const F4& a) { return (a.x + a.y) + (a.z + a.w); }
 
 __device__ __forceinline__ void axpy4(F4& acc, float s, const F4& b) {
   acc.x = fmaf(s, b.x, acc.x);
@@ -186,9 +199,8 @@ struct Params {
 struct Smem {
   float *t0, *t1, *t2, *t3;  // [G][S][Dp] tiles (cls: t2 / t3 are [G][Dp] rows)
   float *pt, *dst;           // window bwd: P and dS transposed, [G][S (key)][Sr (query)]; cls: [G][S]
-  float *dpart;              // delta partials: window bwd [G][S][Cr], cls bwd [G][Cr]
+  float *dpart;              // delta partials: window bwd [G][S][Cr]
   float *valid;              // [G][S] key validity (1 / 0)
-  float *u0f, *u1f;          // cls bwd: per-unit delta and lse
   int *pos, *ub, *uh;        // [G][S] token (or window) index of each row; [G] batch, head
   size_t bytes;
 };
@@ -238,9 +250,6 @@ __host__ __device__ inline Smem carve(int kind, int G, int S, int Dp, int Cr, in
       s.t3 = c.take<float>(size_t(G) * Dp);       // dO
       s.pt = c.take<float>(rows);                 // p
       s.dst = c.take<float>(rows);                // dS
-      s.dpart = c.take<float>(size_t(G) * Cr);
-      s.u0f = c.take<float>(size_t(G));
-      s.u1f = c.take<float>(size_t(G));
       break;
   }
   s.pos = c.take<int>(rows);
@@ -596,39 +605,56 @@ __global__ void __launch_bounds__(kMaxThreads) cls_pool_bwd_kernel(const Params 
   prologue(p, u0, Ge, s);
   __syncthreads();
   load_unit_rows<T>(s.t2, p.pq, p, s, Ge);
-  for (int idx = threadIdx.x; idx < Ge * p.C; idx += blockDim.x) {  // dO, and delta partials with O
+  for (int idx = threadIdx.x; idx < Ge * p.C; idx += blockDim.x) {  // dO
     const int g = idx / p.C, c = idx - g * p.C;
     const int64_t off = int64_t(s.ub[g]) * p.dout.sb + int64_t(s.pos[g * S]) * p.dout.st + int64_t(s.uh[g]) * D;
-    const int64_t ooff = int64_t(s.ub[g]) * p.o.sb + int64_t(s.pos[g * S]) * p.o.st + int64_t(s.uh[g]) * D;
-    const F4 d = gload4(static_cast<const T*>(p.dout.p) + off + 4 * c, p.vec != 0);
-    const F4 o = gload4(static_cast<const T*>(p.o.p) + ooff + 4 * c, p.vec != 0);
-    sts4(s.t3 + g * Dp + 4 * c, d);
-    s.dpart[g * p.Cr + c] = dot4(d, o);
+    sts4(s.t3 + g * Dp + 4 * c, gload4(static_cast<const T*>(p.dout.p) + off + 4 * c, p.vec != 0));
   }
   load_rows<T>(s.t0, p.k, p.pk, p, s, Ge);
   load_rows<T>(s.t1, p.v, p.pv, p, s, Ge);
   __syncthreads();
-  for (int g = threadIdx.x; g < Ge; g += blockDim.x) {
-    float delta = 0.0f;
-    for (int c = 0; c < p.C; ++c) delta += s.dpart[g * p.Cr + c];
-    s.u0f[g] = delta;
-    s.u1f[g] = gload(p.lse + u0 + g);
-  }
-  __syncthreads();
-  for (int idx = threadIdx.x; idx < Ge * S; idx += blockDim.x) {  // p_j, dS_j: thread per (unit, key)
+  for (int idx = threadIdx.x; idx < Ge * S; idx += blockDim.x) {  // scores, dO . v_j: thread per (unit, key)
     const int g = idx / S;
     const float* q = s.t2 + g * Dp;
     const float* d = s.t3 + g * Dp;
     const float* kr = s.t0 + idx * Dp;
     const float* vr = s.t1 + idx * Dp;
-    float sq = 0.0f, dp = 0.0f;
+    F4 sq = zero4(), dp = zero4();
     for (int c = 0; c < D; c += 4) {
-      sq += dot4(lds4(q + c), lds4(kr + c));
-      dp += dot4(lds4(d + c), lds4(vr + c));
+      fma4(sq, lds4(q + c), lds4(kr + c));
+      fma4(dp, lds4(d + c), lds4(vr + c));
     }
-    const float pj = expf(fmaf(sq, p.scale, -s.u1f[g]));
-    s.pt[idx] = pj;
-    s.dst[idx] = pj * (dp - s.u0f[g]) * p.scale;
+    s.pt[idx] = sum4(sq) * p.scale;
+    s.dst[idx] = sum4(dp);
+  }
+  __syncthreads();
+  // p_j, dS_j: thread per unit. The unit's whole row is at hand, so the softmax is recomputed as the
+  // forward computes it (max, exp, sum) and delta = sum_j p_j (dO . v_j) directly, rather than
+  // p_j = exp(s*scale - lse) and delta = dO . O as a flash backward must: the saved lse carries a
+  // rounding of |lse| * eps that the exp turns into a relative error of p, and O its own rounding,
+  // which dS = p (dP - delta) amplifies where dP and delta nearly cancel (in fp32 that put dV and
+  // the CLS dK over the tolerance rule). Neither lse nor O is read.
+  for (int g = threadIdx.x; g < Ge; g += blockDim.x) {
+    float* sc = s.pt + g * S;
+    float* ds = s.dst + g * S;
+    float m = sc[0];
+    for (int j = 1; j < S; ++j) m = fmaxf(m, sc[j]);
+    // the row's two sums (up to 65 terms, once per unit) in float64: a 1-way float32 chain of that
+    // length rounds several times worse than the reference's blocked sums, at no measurable cost here
+    double den = 0.0;
+    for (int j = 0; j < S; ++j) {
+      const float e = expf(sc[j] - m);
+      sc[j] = e;
+      den += double(e);
+    }
+    const float inv = float(1.0 / den);
+    double acc = 0.0;
+    for (int j = 0; j < S; ++j) {
+      sc[j] *= inv;
+      acc = fma(double(sc[j]), double(ds[j]), acc);
+    }
+    const float delta = float(acc);
+    for (int j = 0; j < S; ++j) ds[j] = sc[j] * (ds[j] - delta) * p.scale;
   }
   __syncthreads();
   for (int idx = threadIdx.x; idx < Ge * p.C; idx += blockDim.x) {  // thread per 4-wide chunk of D

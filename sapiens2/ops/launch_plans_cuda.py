@@ -287,7 +287,10 @@ def _window(op: str, kind: int, window: int, has_prefix: bool, x, B: int, nW: in
     for ln in triton_plan.launches:
         name, products = _WINDOW_KERNELS.get(ln.kernel, (ln.kernel, 0))
         flops = B * nW * NH * products * 2 * queries * S * D if products else ln.flops
-        p.add(name, ln.reads, ln.writes, flops, matmul=ln.matmul)
+        # the CUDA cls backward recomputes the softmax and delta from the scores: it reads neither the
+        # saved lse nor O
+        reads = tuple(r for r in ln.reads if r[0] not in ("lse", "o")) if kind == cw.CLS_BWD else ln.reads
+        p.add(name, reads, ln.writes, flops, matmul=ln.matmul)
     return p
 
 

@@ -50,7 +50,7 @@ def smem_bytes(kernel: int, window: int, prefix: bool, head_dim: int) -> int:
         return 4 * tile + 2 * f32(S * Sr) + f32(S * Cr) + rows + index
     if kernel == CLS_FWD:
         return tile + f32(Dp) + rows + index
-    return 2 * tile + 2 * f32(Dp) + 2 * rows + f32(Cr) + 2 * f32(1) + index
+    return 2 * tile + 2 * f32(Dp) + 2 * rows + index
 
 
 def _smem_limit(device: torch.device) -> int:
