@@ -19,6 +19,9 @@ $(STAMP): pyproject.toml setup.py $(wildcard csrc/kernels/* csrc/bindings/*)
 	# optional CUDA extension sapiens2._C in parallel (it builds when nvcc is found)
 	$(PY) -m pip install -q "torch>=2.14" ninja
 	$(PY) -m pip install -q --no-build-isolation -e ".[test]"
+	# xtcocotools' wheel is built against numpy 1 and fails to import under numpy 2: rebuild it from source so
+	# the keypoint-AP tests compare it with pycocotools (the metric falls back to pycocotools if this fails)
+	-$(PY) -m pip install -q --no-build-isolation --no-binary xtcocotools --force-reinstall --no-deps xtcocotools
 	$(PY) -c "from sapiens2.ops.backend import available_backends as b; print('sapiens2 CUDA extension:', b()['cuda'])"
 	touch $(STAMP)
 
