@@ -259,8 +259,9 @@ def ours_step(cfg, batch: int = 1, checkpointing: str = "none", parts: bool = Tr
     temp = cfg.objective.teacher_temp
     s_params = list(student.parameters())
 
-    def loss_of(pixels, logits):
-        return joint_loss(cfg, x.g, x.vis, pixels, logits, x.t_logits, temp, x.patch_px, center=x.center)["loss"]
+    def loss_of(pixels, logits, cls):
+        return joint_loss(cfg, x.g, x.vis, pixels, logits, x.t_logits, temp, x.patch_px, center=x.center,
+                          student_cls=cls)["loss"]
 
     def student_loss():
         return loss_of(*student(x.g, x.vis, x.loc))
@@ -284,7 +285,7 @@ def ours_step(cfg, batch: int = 1, checkpointing: str = "none", parts: bool = Tr
         pix = _leaf(torch.empty(x.g.shape, device=META, dtype=BF16))
         dec_rep = measure("ours decoder", lambda: (student.decoder(out_d[: d.shape[0], : d.shape[1]], x.vis, x.grid),),
                           student.decoder.parameters(), unit, (out_d,))
-        head_rep = measure("ours heads + loss", lambda: (loss_of(pix, student.dino_head(out_h[:, 0])),),
+        head_rep = measure("ours heads + loss", lambda: (loss_of(pix, student.dino_head(out_h[:, 0]), out_h[:, 0]),),
                            student.dino_head.parameters(), unit, (out_h, pix))
         res.parts = dict(zip(PARTS, (res.teacher, bb_rep, dec_rep, head_rep)))
     return res
@@ -430,8 +431,9 @@ def mae_loss(images: Tensor, pred: Tensor, ids_restore: Tensor, num_keep: int, p
     return (loss * mask).sum() / mask.sum()
 
 
-def baseline_loss(cfg, x: StepInputs, pred: Tensor, s_logits: Tensor, teacher_temp: float) -> Tensor:
-    from ..pretrain.dino import dino_cross_entropy, dino_loss_scales, sinkhorn_knopp, softmax_center
+def baseline_loss(cfg, x: StepInputs, pred: Tensor, s_logits: Tensor, teacher_temp: float, global_cls: Tensor
+                  ) -> Tensor:
+    from ..pretrain.dino import dino_cross_entropy, dino_loss_scales, koleo_loss, sinkhorn_knopp, softmax_center
 
     o = cfg.objective
     Vg, Vl = o.n_global, o.n_local
@@ -448,7 +450,10 @@ def baseline_loss(cfg, x: StepInputs, pred: Tensor, s_logits: Tensor, teacher_te
                                            ignore_diagonal=Vg > 1)
     if Vl:
         loss_cl = loss_cl + l_scale * dino_cross_entropy(s[Vg * B:].view(Vl, B, -1), probs, o.student_temp)
-    return loss_mae + o.lambda_cl * loss_cl
+    loss = loss_mae + o.lambda_cl * loss_cl
+    if o.koleo_weight:  # DINOv2/v3's KoLeo, per global view (a plain PyTorch function either way)
+        loss = loss + o.koleo_weight * sum(koleo_loss(c) for c in global_cls.view(Vg, B, -1))
+    return loss
 
 
 class BaselineStudent(nn.Module):
@@ -493,7 +498,7 @@ def baseline_step(cfg, batch: int = 1, parts: bool = True, flops: bool = True) -
     def student_loss():
         hg, hl = student.encode(x.g, x.vis, x.loc)
         pred = student.decoder(hg, x.restore, x.grid)
-        return baseline_loss(cfg, x, pred, student.heads(hg, hl), temp)
+        return baseline_loss(cfg, x, pred, student.heads(hg, hl), temp, hg[:, 0])
 
     unit = _unit(x, o_student.backbone)
     res = _measure_step("baseline", lambda: teacher(x.g), student_loss, s_params, unit, _count(student), flops)
@@ -512,7 +517,7 @@ def baseline_step(cfg, batch: int = 1, parts: bool = True, flops: bool = True) -
         hg_h, hl_h = _leaf(hg), (_leaf(hl) if hl is not None else None)
         pred = _leaf(torch.empty(*x.restore.shape, student.decoder.pred.out_features, device=META, dtype=BF16))
         head_rep = measure("baseline heads + loss",
-                           lambda: (baseline_loss(cfg, x, pred, student.heads(hg_h, hl_h), temp),),
+                           lambda: (baseline_loss(cfg, x, pred, student.heads(hg_h, hl_h), temp, hg_h[:, 0]),),
                            student.dino_head.parameters(), unit, tuple(t for t in (hg_h, hl_h, pred) if t is not None))
         res.parts = dict(zip(PARTS, (res.teacher, bb_rep, dec_rep, head_rep)))
     return res

@@ -129,15 +129,15 @@ def _pretrain_probe(root: Path | None = None) -> str:
     from .pretrain_probe import PROBE_LABELS
 
     root = root or _repo_root()
-    r = {k: json.loads((root / f"{PROBE_REPORT}_{k}.json").read_text()) for k in ("preset", "learning")}
-    p, q = r["preset"], r["learning"]
-    lines = ["| k-NN on the teacher's [CLS], held out | tiny preset: init | trained | learning recipe: init | "
+    r = {k: json.loads((root / f"{PROBE_REPORT}_{k}.json").read_text()) for k in ("preset", "no-koleo")}
+    p, q = r["preset"], r["no-koleo"]
+    lines = ["| k-NN on the teacher's [CLS], held out | tiny preset: init | trained | without KoLeo: init | "
              "trained | raw pixels |", "|---|---:|---:|---:|---:|---:|"]
     for key, label in PROBE_LABELS.items():
         lines.append(f"| {label.strip()} | {p['accuracy']['init'][key]:.1%} | {p['accuracy']['trained'][key]:.1%} | "
                      f"{q['accuracy']['init'][key]:.1%} | {q['accuracy']['trained'][key]:.1%} | "
                      f"{p['accuracy']['pixels'][key]:.1%} |")
-    for name, x in (("tiny preset", p), ("learning recipe", q)):
+    for name, x in (("tiny preset", p), ("without KoLeo", q)):
         t = x["pretrain"]
         lines.append("")
         lines.append(f"{name}: {t['steps']} steps x {t['global_batch']} images; loss_mae "
@@ -159,7 +159,7 @@ BLOCKS = {
     "gpu-check": ("make gpu-check", f"{GPU_REPORT}.md", _gpu_check),
     "pretrain-cost": ("sapiens2 bench cost --stage pretrain --arch sapiens2_1b",
                       ["bench", "cost", "--stage", "pretrain", "--arch", "sapiens2_1b"], _pretrain_cost),
-    "pretrain-probe": ("python -m sapiens2.bench.pretrain_probe --out DIR [--recipe learning]",
+    "pretrain-probe": ("python -m sapiens2.bench.pretrain_probe --out DIR [--recipe no-koleo]",
                        f"{PROBE_REPORT}.txt", _pretrain_probe),
     "pretrain-dry-run": ("sapiens2 pretrain --preset 5b --dry-run --gpus 8 64 512",
                          ["pretrain", "--preset", "5b", "--dry-run", "--gpus", "8", "64", "512"], _pretrain_dry_run),

@@ -136,6 +136,48 @@ def dino_loss_scales(n_global: int, n_local: int, ignore_diagonal: bool = True) 
     return g / (g + loc), loc / (g + loc)
 
 
+def koleo_loss(features: Tensor, eps: float = 1e-8, weights: Optional[Tensor] = None, group=None) -> Tensor:
+    """The KoLeo regulariser of DINOv2/v3 (Sablayrolles et al.'s Kozachenko-Leonenko differential-entropy
+    estimator): rows of ``features`` ``(N, C)`` are L2-normalised, each row's nearest *other* row is found
+    (no grad through the choice) and the loss is ``-mean_i log(||x_i - x_nn(i)|| + eps)``. Minimising it
+    spreads the batch's [CLS] features over the sphere, so no two images share one: without it a small
+    model's [CLS] features bunch together and the Sinkhorn targets cannot tell them apart.
+
+    Over several ranks the neighbours are searched in the *global* batch (every rank's rows gathered
+    with an autograd all-gather, so each row's gradient also reaches the rank that owns its neighbour):
+    the loss and its gradient are those of one process holding the whole batch, whatever the world
+    size. ``weights`` ``(N,)``: rows with weight 0 (unreadable images) are neither averaged nor anyone's
+    neighbour. Fewer than two valid rows: the loss is 0 (with a graph, so callers need no special case)."""
+    if features.dim() != 2:
+        raise ValueError(f"features must be (N, C), got {tuple(features.shape)}")
+    n = features.shape[0]
+    w = features.new_ones(n, dtype=torch.float32) if weights is None else weights.to(features.device, torch.float32)
+    distributed = _world(group) > 1
+    if distributed:
+        gathered = [torch.empty_like(w) for _ in range(_world(group))]
+        dist.all_gather(gathered, w.contiguous(), group=group)
+        ws = torch.cat(gathered)
+    else:
+        ws = w
+    if ws.shape[0] < 2 or (ws.device.type != "meta" and int((ws > 0).sum()) < 2):
+        return features.float().sum() * 0.0
+    x = F.normalize(features.float(), dim=-1, eps=eps)
+    if distributed:
+        from torch.distributed.nn.functional import all_gather
+
+        xs, first = torch.cat(all_gather(x, group=group)), dist.get_rank(group) * n
+    else:
+        xs, first = x, 0
+    with torch.no_grad():
+        sim = x @ xs.t()
+        sim[:, ws <= 0] = -3.0  # below any cosine: never a neighbour
+        rows = torch.arange(n, device=x.device)
+        sim[rows, first + rows] = -3.0  # nor is a row its own
+        nearest = sim.argmax(dim=1)
+    per_row = -torch.log((x - xs[nearest]).norm(dim=-1) + eps)
+    return (per_row * w).sum() / w.sum().clamp_min(1.0)
+
+
 @torch.no_grad()
 def ema_update(teacher: list[Tensor], student: list[Tensor], momentum: float) -> None:
     """``teacher = momentum * teacher + (1 - momentum) * student``, one ``_foreach`` pass over local

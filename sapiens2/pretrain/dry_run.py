@@ -149,9 +149,9 @@ def measure_step(cfg) -> StepMeasurement:
              for i, b in enumerate(blocks)]
 
     def step():
-        px, lg = student(x.g, x.vis, x.loc)
+        px, lg, cls = student(x.g, x.vis, x.loc)
         return joint_loss(cfg, x.g, x.vis, px, lg, x.t_logits, cfg.objective.teacher_temp, x.patch_px,
-                          center=x.center)["loss"]
+                          center=x.center, student_cls=cls)["loss"]
 
     try:
         kept_full = saved_bytes(step, params, checkpointed=tuple(blocks))

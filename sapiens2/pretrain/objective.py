@@ -27,7 +27,7 @@ from torch import Tensor, nn
 
 from ..models.backbone import Sapiens2Backbone
 from .config import PretrainConfig
-from .dino import DINOHead, dino_cross_entropy, dino_loss_scales, sinkhorn_knopp, softmax_center
+from .dino import DINOHead, dino_cross_entropy, dino_loss_scales, koleo_loss, sinkhorn_knopp, softmax_center
 from .mae import MAEDecoder, norm_pix_loss
 from .masking import mask_from_visible
 
@@ -75,10 +75,11 @@ class PretrainStudent(nn.Module):
         return [self.backbone, self.dino_head]
 
     def forward(self, global_views: Tensor, visible_ids: Tensor, local_views: Optional[Tensor] = None
-                ) -> tuple[Tensor, Tensor]:
+                ) -> tuple[Tensor, Tensor, Tensor]:
         """``global_views`` ``(Vg*B, 3, Hg, Wg)`` with ``visible_ids`` ``(Vg*B, K)``; ``local_views``
         ``(Vl*B, 3, Hl, Wl)`` or None. Returns ``(reconstruction of the global views (Vg*B, 3, Hg, Wg),
-        [CLS] prototype logits (Vg*B + Vl*B, K_proto))``, rows in the input order."""
+        [CLS] prototype logits (Vg*B + Vl*B, K_proto), the [CLS] tokens themselves (Vg*B + Vl*B, C))``,
+        rows in the input order."""
         bb = self.backbone
         P = bb.num_prefix_tokens
         xg, (th, tw) = bb.embed(global_views, visible_ids)
@@ -91,10 +92,11 @@ class PretrainStudent(nn.Module):
             parts.append((xl, sl.expand(n, -1, -1), cl.expand(n, -1, -1)))
         x, sin, cos, seq_lens = _stack_rows(parts, P)
         out = bb.forward_tokens(x, (sin, cos), seq_lens)
-        logits = self.dino_head(out[:, 0])
+        cls = out[:, 0]
+        logits = self.dino_head(cls)
         K = visible_ids.shape[1]
         pixels = self.decoder(out[: xg.shape[0], : P + K], visible_ids, (th, tw))
-        return pixels, logits
+        return pixels, logits, cls
 
 
 def _stack_rows(parts, num_prefix: int):
@@ -116,10 +118,13 @@ def _stack_rows(parts, num_prefix: int):
 
 def joint_loss(cfg: PretrainConfig, global_views: Tensor, visible_ids: Tensor, pixels: Tensor, student_logits: Tensor,
                teacher_logits: Tensor, teacher_temp: float, patch_px: int, weights: Optional[Tensor] = None,
-               center: Optional[Tensor] = None) -> dict[str, Tensor]:
-    """The joint objective of one step on this rank's rows. Returns ``loss``, ``loss_mae``, ``loss_cl``
-    and the two cross-entropy terms. ``patch_px``: pixels per trunk token side; ``weights`` ``(B,)``
-    (per image) drop unreadable images from every average."""
+               center: Optional[Tensor] = None, student_cls: Optional[Tensor] = None) -> dict[str, Tensor]:
+    """The joint objective of one step on this rank's rows:
+    ``loss = loss_mae + lambda_cl * loss_cl + koleo_weight * loss_koleo``. Returns those terms and the
+    two cross-entropy terms. ``patch_px``: pixels per trunk token side; ``weights`` ``(B,)`` (per
+    image) drop unreadable images from every average; ``student_cls``: the student's [CLS] tokens
+    (its third output), needed when ``objective.koleo_weight`` > 0 — KoLeo is summed over the global
+    views, each view's batch on its own, as DINOv2/v3 apply it."""
     o = cfg.objective
     Vg, Vl = o.n_global, o.n_local
     B = global_views.shape[0] // Vg
@@ -142,6 +147,13 @@ def joint_loss(cfg: PretrainConfig, global_views: Tensor, visible_ids: Tensor, p
         cl_local = dino_cross_entropy(s[Vg * B:].view(Vl, B, -1), probs, o.student_temp, weights=weights)
         loss_cl = loss_cl + l_scale * cl_local
         out["loss_cl_local"] = cl_local
-    out.update(loss=loss_mae + o.lambda_cl * loss_cl, loss_mae=loss_mae, loss_cl=loss_cl)
+    loss = loss_mae + o.lambda_cl * loss_cl
+    if o.koleo_weight:
+        if student_cls is None:
+            raise ValueError("objective.koleo_weight > 0 needs student_cls (the student's third output)")
+        loss_koleo = sum(koleo_loss(c, weights=weights) for c in student_cls[: Vg * B].view(Vg, B, -1))
+        loss = loss + o.koleo_weight * loss_koleo
+        out["loss_koleo"] = loss_koleo
+    out.update(loss=loss, loss_mae=loss_mae, loss_cl=loss_cl)
     return out
 

@@ -222,9 +222,9 @@ class Pretrainer:
             with nvtx.annotate("teacher", color="green"), torch.no_grad():
                 t_logits = self.teacher(gv)
             with nvtx.annotate("student_forward", color="orange"):
-                pixels, s_logits = self.student(gv, vv, lv)
+                pixels, s_logits, s_cls = self.student(gv, vv, lv)
                 out = joint_loss(cfg, gv, vv, pixels, s_logits, t_logits, temp, self.patch_px, weights[rows],
-                                 center=self.center if o.centering == "center" else None)
+                                 center=self.center if o.centering == "center" else None, student_cls=s_cls)
             out = self._inject(out)
             with nvtx.annotate("backward", color="red"):
                 (out["loss"] / accum).backward()
@@ -311,7 +311,7 @@ class Pretrainer:
             s = self.step - 1
             row = {"step": s, "loss": terms["loss"], "loss_mae": terms["loss_mae"], "loss_cl": terms["loss_cl"],
                    "loss_cl_global": terms.get("loss_cl_global"), "loss_cl_local": terms.get("loss_cl_local"),
-                   "lr": float(self.sched.lr[s]), "wd": float(self.sched.wd[s]),
+                   "loss_koleo": terms.get("loss_koleo"), "lr": float(self.sched.lr[s]), "wd": float(self.sched.wd[s]),
                    "momentum": float(self.sched.momentum[s]), "teacher_temp": float(self.sched.teacher_temp[s]),
                    "grad_norm": terms["grad_norm"], "images_per_s": r.global_batch / dt, "step_s": dt,
                    "skipped_images": self.skipped_images}
@@ -354,8 +354,8 @@ class Pretrainer:
         with counter:
             with torch.no_grad():
                 t = self.teacher(g)
-            px, lg = self.student(g, vis, loc)
-            out = joint_loss(self.cfg, g, vis, px, lg, t, 0.07, self.patch_px, w)
+            px, lg, cls = self.student(g, vis, loc)
+            out = joint_loss(self.cfg, g, vis, px, lg, t, 0.07, self.patch_px, w, student_cls=cls)
             out["loss"].backward()
         self.optimizer.zero_grad(set_to_none=True)
         return counter.get_total_flops()

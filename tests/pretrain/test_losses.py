@@ -4,14 +4,15 @@
 
 from __future__ import annotations
 
+import math
 import os
 
 import pytest
 import torch
 from safetensors.torch import load_file
 
-from sapiens2.pretrain.dino import (dino_cross_entropy, dino_loss_scales, ema_update, sinkhorn_knopp, softmax_center,
-                                    update_center)
+from sapiens2.pretrain.dino import (dino_cross_entropy, dino_loss_scales, ema_update, koleo_loss, sinkhorn_knopp,
+                                    softmax_center, update_center)
 from sapiens2.pretrain.mae import norm_pix_loss, patchify
 
 FIXTURE = os.path.join(os.path.dirname(__file__), "..", "fixtures", "pretrain_parity.safetensors")
@@ -156,3 +157,20 @@ def test_sinkhorn_balances_prototypes():
     g = torch.Generator().manual_seed(1)
     q = sinkhorn_knopp(torch.randn(64, 8, generator=g) * 0.5, 0.1, n_iters=50)
     torch.testing.assert_close(q.sum(0), torch.full((8,), 64 / 8), rtol=1e-3, atol=1e-3)
+
+
+def test_koleo_hand_computed_and_gradient():
+    """Three unit vectors at 0, 90 and 180 degrees (scaled: KoLeo normalises first): every nearest other
+    point is 90 degrees away, at distance sqrt(2), so the loss is -log(sqrt(2)); the gradient pushes
+    each point away from its nearest neighbour, along the sphere."""
+    x = torch.tensor([[2.0, 0.0], [0.0, 0.5], [-3.0, 0.0]], requires_grad=True)
+    loss = koleo_loss(x, eps=0.0)
+    torch.testing.assert_close(loss, torch.tensor(-0.5 * math.log(2.0)))
+    loss.backward()
+    # x0's neighbour is x1 (x2 is 180 degrees away): moving x0 towards -y lengthens the distance
+    assert x.grad[0, 1] > 0 and abs(float(x.grad[0, 0])) < 1e-6
+    # duplicates: the distance is 0, the loss large and finite with eps
+    assert torch.isfinite(koleo_loss(torch.ones(4, 3)))
+    assert float(koleo_loss(torch.ones(1, 3))) == 0.0  # no neighbour
+    with pytest.raises(ValueError, match="features"):
+        koleo_loss(torch.ones(3))

@@ -9,6 +9,7 @@ from sapiens2.models.backbone import Sapiens2Backbone
 from sapiens2.models.config import ArchConfig
 from sapiens2.pretrain.config import get_preset, tiny
 from sapiens2.pretrain.masking import mask_from_visible, num_visible, random_visible_ids
+from sapiens2.pretrain.dino import koleo_loss
 from sapiens2.pretrain.objective import PretrainStudent, PretrainTeacher, joint_loss
 from sapiens2.pretrain.views import CropSpec, multi_crop
 from sapiens2.train.config import apply_overrides
@@ -79,7 +80,7 @@ def test_one_student_pass_equals_per_view_passes(local):
     g = torch.randn(2 * B, 3, 64, 48)
     loc = torch.randn(2 * B, 3, *local)
     vis = random_visible_ids(48, 0.75, torch.arange(2 * B), seed=0, step=0, view=0)
-    pixels, logits = st(g, vis, loc)
+    pixels, logits, cls = st(g, vis, loc)
     bb = st.backbone
     out_g = bb(g, vis)
     out_l = bb(loc)
@@ -95,11 +96,18 @@ def test_joint_loss_terms_and_gradients_reach_every_trainable_part():
     st, te = PretrainStudent(cfg), PretrainTeacher(cfg)
     g, loc = torch.randn(4, 3, 64, 48), torch.randn(4, 3, 32, 24)
     vis = random_visible_ids(48, 0.75, torch.arange(4), seed=0, step=0, view=0)
-    px, lg = st(g, vis, loc)
+    px, lg, cls = st(g, vis, loc)
     with torch.no_grad():
         tl = te(g)
-    out = joint_loss(cfg, g, vis, px, lg, tl, 0.04, 8)
-    torch.testing.assert_close(out["loss"], out["loss_mae"] + cfg.objective.lambda_cl * out["loss_cl"])
+    out = joint_loss(cfg, g, vis, px, lg, tl, 0.04, 8, student_cls=cls)
+    o = cfg.objective
+    assert o.koleo_weight > 0
+    torch.testing.assert_close(out["loss"], out["loss_mae"] + o.lambda_cl * out["loss_cl"]
+                               + o.koleo_weight * out["loss_koleo"])
+    # KoLeo: per global view, over that view's batch of [CLS] tokens
+    torch.testing.assert_close(out["loss_koleo"], sum(koleo_loss(c) for c in cls[:4].view(2, 2, -1)))
+    with pytest.raises(ValueError, match="student_cls"):
+        joint_loss(cfg, g, vis, px, lg, tl, 0.04, 8)
     out["loss"].backward()
     for name, p in st.named_parameters():
         assert p.grad is not None, name

@@ -74,8 +74,8 @@ def test_ours_flops_equal_flop_counter_mode_of_the_trainer_step(preset):
     with counter:
         with torch.no_grad():
             t_logits = teacher(x.g)
-        pixels, logits = student(x.g, x.vis, x.loc)
-        out = joint_loss(cfg, x.g, x.vis, pixels, logits, t_logits, 0.07, x.patch_px)
+        pixels, logits, cls = student(x.g, x.vis, x.loc)
+        out = joint_loss(cfg, x.g, x.vis, pixels, logits, t_logits, 0.07, x.patch_px, student_cls=cls)
         out["loss"].backward()
     assert rep.model_flops == counter.get_total_flops() > 0
     aten = {str(k): v for k, v in counter.get_flop_counts()["Global"].items() if str(k).startswith("aten.")}
@@ -102,8 +102,8 @@ def test_kept_bytes_with_checkpointing_below_without():
     x = step_inputs(cfg, bb.patch_size * bb.window)
 
     def step():
-        px, lg = student(x.g, x.vis, x.loc)
-        return joint_loss(cfg, x.g, x.vis, px, lg, x.t_logits, 0.07, x.patch_px)["loss"]
+        px, lg, cls = student(x.g, x.vis, x.loc)
+        return joint_loss(cfg, x.g, x.vis, px, lg, x.t_logits, 0.07, x.patch_px, student_cls=cls)["loss"]
 
     assert saved_bytes(step, student.parameters()) == m.act_none
     assert measure_step(cfg) is m  # cached per config
